@@ -1,0 +1,124 @@
+"""Capture overhead: ``fit`` with GradientCaptureCallback vs the same ``fit`` without it.
+
+Same model, data, seed and process; runs alternate (plain, capture, plain, ...) so
+machine noise hits both sides alike, and the median of ``--repeats`` pairs is used.
+
+Run: ``python benchmarks/capture_overhead.py`` (``--help`` for sizes). Prints the
+wall-time ratio (target <= 1.10), rows/s and MB/s written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import lightning.pytorch as L
+import torch
+
+from lightning_bergson import CausalLMModule, GradientCaptureCallback, GradientStore, HeadConfig
+from lightning_bergson.data import collate_batch
+
+
+def make_loader(args: argparse.Namespace) -> torch.utils.data.DataLoader:
+    gen = torch.Generator().manual_seed(0)
+    n = args.batch_size * args.steps
+    ids = torch.randint(1, args.vocab, (n, args.seq_len), generator=gen)
+    rows = [{"input_ids": ids[i].tolist(), "example_id": i} for i in range(n)]
+    return torch.utils.data.DataLoader(
+        rows, batch_size=args.batch_size, collate_fn=lambda b: collate_batch(b, pad_token_id=0)
+    )
+
+
+def make_module(args: argparse.Namespace) -> CausalLMModule:
+    config = {
+        "model_type": "gpt_neox",
+        "vocab_size": args.vocab,
+        "hidden_size": args.hidden,
+        "num_hidden_layers": args.layers,
+        "num_attention_heads": args.heads,
+        "intermediate_size": 4 * args.hidden,
+        "max_position_embeddings": args.seq_len,
+    }
+    return CausalLMModule(config=config, lr=1e-3, seed=0)
+
+
+def run(args: argparse.Namespace, capture_dir: Path | None) -> float:
+    callbacks = []
+    if capture_dir is not None:
+        head = 3 * args.hidden // args.heads
+        callbacks.append(
+            GradientCaptureCallback(
+                capture_dir / "grads.zarr",
+                projection_dim=args.projection_dim,
+                normalizer="adafactor",
+                head_cfgs={"*.query_key_value": HeadConfig(args.heads, head)}
+                if args.heads_split
+                else None,
+                overwrite=True,
+            )
+        )
+    torch.manual_seed(0)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    module, loader = make_module(args), make_loader(args)
+    start = time.perf_counter()
+    trainer.fit(module, loader)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=4096)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--projection-dim", type=int, default=16)
+    parser.add_argument("--heads-split", action="store_true", help="split q/k/v per head")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+
+    tmp = Path(tempfile.mkdtemp())
+    try:
+        run(args, None)  # warm-up: imports, allocator, kernels
+        plain, capture = [], []
+        for _ in range(args.repeats):
+            plain.append(run(args, None))
+            capture.append(run(args, tmp))
+        store = GradientStore.open(tmp / "grads.zarr")
+        t_plain, t_cap = statistics.median(plain), statistics.median(capture)
+        mb = len(store) * store.dim * store.dtype.itemsize / 2**20
+        print(
+            f"model: GPT-NeoX hidden={args.hidden} layers={args.layers} seq={args.seq_len} "
+            f"batch={args.batch_size} steps={args.steps}; projection {args.projection_dim}, "
+            f"Adafactor normalizer from the optimizer"
+        )
+        print(f"plain fit       median {t_plain:.2f} s  ({', '.join(f'{t:.2f}' for t in plain)})")
+        print(f"fit + capture   median {t_cap:.2f} s  ({', '.join(f'{t:.2f}' for t in capture)})")
+        print(f"overhead ratio  {t_cap / t_plain:.3f}  (target <= 1.10)")
+        print(
+            f"written         {len(store)} rows x {store.dim} ({store.dtype}), "
+            f"{len(store) / t_cap:.0f} rows/s, {mb / t_cap:.2f} MB/s"
+        )
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

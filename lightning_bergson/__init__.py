@@ -1,0 +1,33 @@
+"""Training-data attribution for PyTorch Lightning.
+
+Capture every training example's gradient during ``fit`` with
+:class:`GradientCaptureCallback`, read it back with :class:`GradientStore`.
+"""
+
+from .callbacks import GradientCaptureCallback
+from .capture import (
+    AdafactorNormalizer,
+    AdamNormalizer,
+    GradientCollector,
+    HeadConfig,
+    normalizers_from_optimizer,
+)
+from .corpus import BiographyCorpus, make_biographies
+from .data import TextDataModule
+from .models import CausalLMModule
+from .store import GradientStore, GradientStoreWriter
+
+__all__ = [
+    "AdafactorNormalizer",
+    "AdamNormalizer",
+    "BiographyCorpus",
+    "CausalLMModule",
+    "GradientCaptureCallback",
+    "GradientCollector",
+    "GradientStore",
+    "GradientStoreWriter",
+    "HeadConfig",
+    "TextDataModule",
+    "make_biographies",
+    "normalizers_from_optimizer",
+]

@@ -1,0 +1,358 @@
+"""Per-example (projected, normalized) gradients of Linear layers from module hooks.
+
+For a linear layer with per-token input ``a`` ``[B, S, I]`` and output gradient
+``g`` ``[B, S, O]``, example ``i``'s weight gradient is ``G_i = sum_t g_it a_it^T``.
+A forward hook keeps ``a`` and registers a tensor hook on the layer output; the
+tensor hook receives ``g`` during backward and turns ``(a, g)`` into rows:
+
+* projected (``projection_dim=p``): ``vec(L G_i R^T) = vec((g L^T)^T (a R^T))``,
+  cost linear in ``O`` and ``I``, never forming ``[B, O, I]``;
+* exact (``projection_dim=0``): ``vec(G_i)``;
+* Adafactor normalizer: ``g`` and ``a`` are scaled per feature first (exact, free);
+* Adam normalizer: ``G_i`` is formed, divided elementwise, then projected.
+
+Tensor hooks on the output (rather than full backward hooks) keep working with
+in-place operations elsewhere in the model.
+
+Example:
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
+    >>> x = torch.randn(5, 7, 4)
+    >>> with GradientCollector(model, projection_dim=0) as collector:
+    ...     model(x).square().sum().backward()
+    >>> sorted((k, tuple(v.shape)) for k, v in collector.gradients.items())
+    [('0', (5, 12)), ('2', (5, 6))]
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from torch import Tensor, nn
+
+from .heads import HeadConfig
+from .normalizers import AdafactorNormalizer, AdamNormalizer, Normalizer
+from .projection import ProjectionCache
+
+__all__ = ["DEFAULT_EXCLUDE", "Block", "GradientCollector", "trackable_modules"]
+
+DEFAULT_EXCLUDE: tuple[str, ...] = ("lm_head", "*.lm_head", "embed_out", "*.embed_out")
+"""Output embeddings are skipped by default: vocabulary-sized, and tied to the input embedding."""
+
+Closure = Callable[[str, Tensor], None]
+
+
+@dataclass(frozen=True)
+class Block:
+    """One stored block: a whole module or one head of it."""
+
+    name: str
+    shape: tuple[int, int]
+    parent: str
+    head: int | None
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def trackable_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """All ``nn.Linear`` and HF ``Conv1D`` submodules, by qualified name."""
+    return {
+        name: mod
+        for name, mod in model.named_modules()
+        if name and (isinstance(mod, nn.Linear) or _is_conv1d(mod))
+    }
+
+
+def _features(module: nn.Module) -> tuple[int, int]:
+    """``(out_features, in_features)`` of a Linear or HF Conv1D."""
+    if _is_conv1d(module):
+        return int(module.nf), int(module.weight.shape[0])
+    return int(module.out_features), int(module.in_features)
+
+
+def select_modules(
+    model: nn.Module, include: Sequence[str], exclude: Sequence[str]
+) -> dict[str, nn.Module]:
+    """Trackable modules matching any ``include`` glob and no ``exclude`` glob.
+
+    Raises:
+        ValueError: an include pattern matches no trackable module, or nothing is left.
+    """
+    candidates = trackable_modules(model)
+    available = ", ".join(list(candidates)[:8]) + (", ..." if len(candidates) > 8 else "")
+    for pattern in include:
+        if not fnmatch.filter(candidates, pattern):
+            raise ValueError(
+                f"module pattern {pattern!r} matches no nn.Linear/Conv1D module of "
+                f"{type(model).__name__}; available modules include: {available}. "
+                "Patterns are fnmatch globs over qualified names, e.g. '*.mlp.*'."
+            )
+    selected = {
+        name: mod
+        for name, mod in candidates.items()
+        if any(fnmatch.fnmatchcase(name, p) for p in include)
+        and not any(fnmatch.fnmatchcase(name, p) for p in exclude)
+    }
+    if not selected:
+        raise ValueError(
+            f"include={list(include)} and exclude={list(exclude)} leave no module to track; "
+            f"available modules include: {available}"
+        )
+    return selected
+
+
+class _Plan:
+    """Everything one module's hook needs, computed once."""
+
+    def __init__(
+        self,
+        name: str,
+        module: nn.Module,
+        *,
+        head_cfg: HeadConfig | None,
+        include_bias: bool,
+        projection_dim: int,
+    ) -> None:
+        out_f, in_f = _features(module)
+        self.name = name
+        self.bias = include_bias and getattr(module, "bias", None) is not None
+        self.out_f, self.in_f = out_f, in_f + int(self.bias)
+        self.head_cfg = head_cfg
+        if head_cfg is not None:
+            head_cfg.check(name, out_features=out_f, in_features=in_f)
+            if self.bias and head_cfg.axis == "input":
+                raise ValueError(
+                    f"module {name!r}: include_bias cannot be combined with an input-axis "
+                    "HeadConfig (the bias belongs to no head); set include_bias=False"
+                )
+        self.num_heads = head_cfg.num_heads if head_cfg else 1
+        self.split_output = head_cfg is None or head_cfg.axis == "output"
+        heads = self.num_heads
+        self.head_out = out_f // heads if self.split_output else out_f
+        self.head_in = self.in_f if self.split_output else in_f // heads
+        p = projection_dim
+        shape = (p, p) if p else (self.head_out, self.head_in)
+        self.blocks = [
+            Block(
+                head_cfg.block_name(name, h) if head_cfg else name,
+                shape,
+                name,
+                h if head_cfg else None,
+            )
+            for h in range(heads)
+        ]
+
+
+class GradientCollector:
+    """Context manager that captures per-example gradients of Linear/Conv1D layers.
+
+    Framework-free: the Lightning callback and the query side both use it, so
+    training rows and query rows are processed identically.
+
+    Args:
+        model: The model whose submodules are hooked; block names are relative to it.
+        projection_dim: ``p`` of the two-sided projection; 0 keeps exact gradients.
+        seed: Projection seed (matrices depend only on seed, block name and shape).
+        include: fnmatch globs of module names to track.
+        exclude: fnmatch globs of module names to skip.
+        head_cfgs: Module name (or glob) -> :class:`HeadConfig` splitting it into heads.
+        include_bias: Append the bias gradient as an extra input column.
+        normalizers: Module name -> Adam/Adafactor normalizer (``[out, in(+1)]``).
+        closure: Called as ``closure(block_name, rows [B, D_block])`` during backward (or
+            from :meth:`process_pending` when ``defer``). Without it, rows are summed into
+            :attr:`gradients`.
+        defer: Keep ``(a, g)`` until :meth:`process_pending` (used when the normalizer is
+            only known after the optimizer step).
+
+    Example:
+        >>> model = torch.nn.Sequential(torch.nn.Linear(6, 4))
+        >>> rows = []
+        >>> with GradientCollector(model, projection_dim=2, closure=lambda k, r: rows.append(k)):
+        ...     model(torch.randn(3, 5, 6)).sum().backward()
+        >>> rows
+        ['0']
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        projection_dim: int = 16,
+        seed: int = 0,
+        include: Sequence[str] = ("*",),
+        exclude: Sequence[str] = DEFAULT_EXCLUDE,
+        head_cfgs: Mapping[str, HeadConfig] | None = None,
+        include_bias: bool = False,
+        normalizers: Mapping[str, Normalizer] | None = None,
+        closure: Closure | None = None,
+        defer: bool = False,
+    ) -> None:
+        if projection_dim < 0:
+            raise ValueError(f"projection_dim must be >= 0 (0 = exact), got {projection_dim}")
+        self.model = model
+        self.projection_dim = projection_dim
+        self.modules = select_modules(model, include, exclude)
+        self.plans = {
+            name: _Plan(
+                name,
+                mod,
+                head_cfg=_head_cfg_for(name, head_cfgs or {}),
+                include_bias=include_bias,
+                projection_dim=projection_dim,
+            )
+            for name, mod in self.modules.items()
+        }
+        _check_head_keys(head_cfgs or {}, self.modules)
+        self.projections = ProjectionCache(projection_dim, seed=seed)
+        self.normalizers: dict[str, Normalizer] = {}
+        self.set_normalizers(normalizers or {})
+        self.closure = closure
+        self.defer = defer
+        self.enabled = True
+        self.gradients: dict[str, Tensor] = {}
+        self._pending: list[tuple[str, Tensor, Tensor]] = []
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    @property
+    def blocks(self) -> list[Block]:
+        """Stored blocks in row order: module order of ``named_modules()``, then heads."""
+        return [b for plan in self.plans.values() for b in plan.blocks]
+
+    def set_normalizers(self, normalizers: Mapping[str, Normalizer]) -> None:
+        """Replace the normalizers (e.g. after each optimizer step); shapes are checked."""
+        for name, norm in normalizers.items():
+            plan = self.plans.get(name)
+            if plan is None:
+                raise KeyError(f"normalizer given for {name!r}, which is not a tracked module")
+            if tuple(norm.shape) != (plan.out_f, plan.in_f):
+                raise ValueError(
+                    f"normalizer for {name!r} has shape {tuple(norm.shape)} but the module's "
+                    f"gradient is {(plan.out_f, plan.in_f)} "
+                    f"(out, in{' + bias' if plan.bias else ''})"
+                )
+        self.normalizers = dict(normalizers)
+
+    def __enter__(self) -> GradientCollector:
+        for name, mod in self.modules.items():
+            self._handles.append(mod.register_forward_hook(partial(self._forward_hook, name)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        """Remove all hooks (idempotent)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._pending.clear()
+
+    def _forward_hook(self, name: str, module: nn.Module, inputs: tuple, output: Tensor) -> None:
+        if not (self.enabled and torch.is_grad_enabled() and output.requires_grad):
+            return
+        output.register_hook(partial(self._grad_hook, name, inputs[0].detach()))
+
+    def _grad_hook(self, name: str, a: Tensor, g: Tensor) -> None:
+        if self.defer:
+            self._pending.append((name, a, g.detach()))
+        else:
+            self._emit(name, a, g.detach())
+
+    def take_pending(self) -> list[tuple[str, Tensor, Tensor]]:
+        """Hand over the deferred ``(module, a, g)`` triples and forget them."""
+        pending, self._pending = self._pending, []
+        return pending
+
+    def process_pending(self, pending: list[tuple[str, Tensor, Tensor]] | None = None) -> None:
+        """Process deferred triples (default: the ones held) with the current normalizers."""
+        for name, a, g in self.take_pending() if pending is None else pending:
+            self._emit(name, a, g)
+
+    def _emit(self, name: str, a: Tensor, g: Tensor) -> None:
+        rows = self.compute_rows(name, a, g)
+        for block, row in zip(self.plans[name].blocks, rows, strict=True):
+            if self.closure is not None:
+                self.closure(block.name, row)
+            elif block.name in self.gradients:
+                self.gradients[block.name] = self.gradients[block.name] + row
+            else:
+                self.gradients[block.name] = row
+
+    def compute_rows(self, name: str, a: Tensor, g: Tensor) -> list[Tensor]:
+        """Rows ``[B, D_block]`` of each block of module ``name`` from ``a`` and ``g``."""
+        plan = self.plans[name]
+        dtype = torch.float64 if torch.float64 in (a.dtype, g.dtype) else torch.float32
+        batch = g.shape[0]
+        a = a.reshape(batch, -1, a.shape[-1]).to(dtype)  # (B, S, I)
+        g = g.reshape(batch, -1, g.shape[-1]).to(dtype)  # (B, S, O)
+        if plan.bias:
+            a = torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1)  # (B, S, I+1)
+        norm = self.normalizers.get(name)
+        if isinstance(norm, AdafactorNormalizer):
+            row_scale, col_scale = norm.scales(dtype, g.device)
+            g, a = g * row_scale, a * col_scale
+        if isinstance(norm, AdamNormalizer) or not self.projection_dim:
+            full = torch.bmm(g.transpose(1, 2), a)  # (B, O, I)
+            if isinstance(norm, AdamNormalizer):
+                full = norm.normalize(full)
+            return self._split_full(plan, full)
+        return self._project_factored(plan, a, g)
+
+    def _split_full(self, plan: _Plan, full: Tensor) -> list[Tensor]:
+        """Per-head rows of full per-example gradients ``[B, O, I]``, projected if asked."""
+        batch, heads = full.shape[0], plan.num_heads
+        if plan.split_output:
+            parts = full.view(batch, heads, plan.head_out, plan.head_in)  # (B, H, o, I)
+        else:
+            parts = full.view(batch, plan.head_out, heads, plan.head_in).transpose(1, 2)
+        rows = []
+        for head, block in enumerate(plan.blocks):
+            g_h = parts[:, head]  # (B, o, i)
+            if self.projection_dim:
+                left = self._matrix(block.name, "left", plan.head_out, full)  # (p, o)
+                right = self._matrix(block.name, "right", plan.head_in, full)  # (p, i)
+                g_h = left @ g_h @ right.T  # (B, p, p)
+            rows.append(g_h.reshape(batch, -1))
+        return rows
+
+    def _project_factored(self, plan: _Plan, a: Tensor, g: Tensor) -> list[Tensor]:
+        """``(g L^T)^T (a R^T)`` for every head at once, never forming ``[B, O, I]``."""
+        batch, seq, heads, p = g.shape[0], g.shape[1], plan.num_heads, self.projection_dim
+        lefts = torch.stack(
+            [self._matrix(b.name, "left", plan.head_out, g) for b in plan.blocks]
+        )  # (H, p, o)
+        rights = torch.stack(
+            [self._matrix(b.name, "right", plan.head_in, g) for b in plan.blocks]
+        )  # (H, p, i)
+        if plan.split_output:
+            gl = torch.einsum("bshk,hpk->bhsp", g.view(batch, seq, heads, plan.head_out), lefts)
+            ar = (a @ rights.reshape(heads * p, -1).T).view(batch, seq, heads, p).transpose(1, 2)
+        else:
+            gl = (g @ lefts.reshape(heads * p, -1).T).view(batch, seq, heads, p).transpose(1, 2)
+            ar = torch.einsum("bshk,hpk->bhsp", a.view(batch, seq, heads, plan.head_in), rights)
+        out = gl.transpose(-1, -2) @ ar  # (B, H, p, p)
+        return [out[:, h].reshape(batch, p * p) for h in range(heads)]
+
+    def _matrix(self, key: str, side: str, features: int, like: Tensor) -> Tensor:
+        return self.projections.get(key, side, features, like.dtype, like.device)  # type: ignore[arg-type]
+
+
+def _head_cfg_for(name: str, head_cfgs: Mapping[str, HeadConfig]) -> HeadConfig | None:
+    if name in head_cfgs:
+        return head_cfgs[name]
+    matches = [cfg for pattern, cfg in head_cfgs.items() if fnmatch.fnmatchcase(name, pattern)]
+    return matches[0] if matches else None
+
+
+def _check_head_keys(head_cfgs: Mapping[str, HeadConfig], modules: Mapping[str, nn.Module]) -> None:
+    for pattern in head_cfgs:
+        if pattern not in modules and not fnmatch.filter(modules, pattern):
+            raise ValueError(
+                f"head_cfgs key {pattern!r} matches no tracked module; tracked modules include: "
+                + ", ".join(list(modules)[:8])
+            )

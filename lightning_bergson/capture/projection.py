@@ -1,0 +1,107 @@
+"""Seeded two-sided Rademacher projections with Johnson-Lindenstrauss scaling.
+
+A module gradient ``G`` (``O x I``) is compressed to ``L G R^T`` (``p x p``) with
+``L`` (``p x O``) and ``R`` (``p x I``) whose entries are ``+-1/sqrt(p)``. Then
+``E[<L G1 R^T, L G2 R^T>] = <G1, G2>``, so inner products (and therefore
+attribution scores) are preserved in expectation.
+
+Matrices are generated on the CPU from a stable hash of
+``"<seed>/<key>/<left|right>"``, so an index built on a GPU and a query computed
+on a CPU use identical matrices, whatever the process, device or world size.
+
+References:
+    Johnson & Lindenstrauss (1984); Achlioptas, "Database-friendly random
+    projections" (2003); Park et al., "TRAK" (arXiv 2303.14186).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Literal
+
+import torch
+
+__all__ = ["ProjectionCache", "projection_matrix", "stable_seed"]
+
+Side = Literal["left", "right"]
+
+
+def stable_seed(seed: int, key: str, side: Side) -> int:
+    """A 63-bit generator seed from ``"<seed>/<key>/<side>"`` that never changes across runs."""
+    digest = hashlib.sha256(f"{seed}/{key}/{side}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def projection_matrix(
+    dim: int,
+    features: int,
+    *,
+    seed: int,
+    key: str,
+    side: Side,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """The ``dim x features`` Rademacher matrix for one side of one block.
+
+    Args:
+        dim: Projection dimension ``p`` (rows).
+        features: Size of the projected axis (``O`` for the left side, ``I`` for the right).
+        seed: The run's projection seed.
+        key: The block name, e.g. ``"layers.0.mlp.dense_h_to_4h"`` or ``"<module>.head_3"``.
+        side: ``"left"`` (output features) or ``"right"`` (input features).
+        dtype: Result dtype.
+        device: Result device; generation itself always happens on the CPU.
+
+    Returns:
+        Tensor ``[dim, features]`` with entries ``+-1/sqrt(dim)``.
+
+    Example:
+        >>> P = projection_matrix(4, 10, seed=0, key="fc", side="left")
+        >>> P.shape, float(P.abs().max())
+        (torch.Size([4, 10]), 0.5)
+    """
+    if dim <= 0 or features <= 0:
+        raise ValueError(f"projection shape must be positive, got dim={dim}, features={features}")
+    gen = torch.Generator(device="cpu").manual_seed(stable_seed(seed, key, side))
+    bits = torch.randint(0, 2, (dim, features), generator=gen, dtype=torch.int8)  # (p, F)
+    signs = bits.to(dtype).mul_(2).sub_(1)
+    return signs.mul_(1.0 / math.sqrt(dim)).to(device)
+
+
+class ProjectionCache:
+    """Builds projection matrices once per (key, side, shape, device, dtype) and keeps them.
+
+    Args:
+        dim: Projection dimension ``p``.
+        seed: The run's projection seed.
+
+    Example:
+        >>> cache = ProjectionCache(8, seed=0)
+        >>> cache.get("fc", "right", 32, torch.float32, "cpu").shape
+        torch.Size([8, 32])
+    """
+
+    def __init__(self, dim: int, *, seed: int = 0) -> None:
+        self.dim = dim
+        self.seed = seed
+        self._cache: dict[tuple, torch.Tensor] = {}
+
+    def get(
+        self,
+        key: str,
+        side: Side,
+        features: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> torch.Tensor:
+        """The ``[dim, features]`` matrix for ``key``/``side`` on ``device``."""
+        cache_key = (key, side, features, dtype, str(device))
+        mat = self._cache.get(cache_key)
+        if mat is None:
+            mat = projection_matrix(
+                self.dim, features, seed=self.seed, key=key, side=side, dtype=dtype, device=device
+            )
+            self._cache[cache_key] = mat
+        return mat

@@ -1,0 +1,197 @@
+"""CausalLMModule: a LightningModule around any Hugging Face causal language model.
+
+Run: ``python -m lightning_bergson fit --config configs/quickstart.yaml``
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import lightning.pytorch as L
+import torch
+from torch import Tensor, nn
+from typing_extensions import override
+
+__all__ = ["CausalLMModule", "causal_lm_losses"]
+
+
+def causal_lm_losses(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-example summed token losses and supervised-token counts.
+
+    Token ``t`` predicts ``labels[:, t + 1]``; ``-100`` is ignored, as in Hugging Face.
+
+    Args:
+        logits: ``[B, S, V]``.
+        labels: ``[B, S]``.
+
+    Returns:
+        ``(sums [B], counts [B])``.
+    """
+    target = labels[:, 1:]  # (B, S-1)
+    token_loss = nn.functional.cross_entropy(
+        logits[:, :-1].transpose(1, 2).float(), target, ignore_index=-100, reduction="none"
+    )  # (B, S-1)
+    return token_loss.sum(1), (target != -100).sum(1)
+
+
+def _build_network(
+    model: str | nn.Module | None,
+    config: dict[str, Any] | None,
+    vocab_size: int | None,
+    attn_implementation: str,
+    seed: int,
+) -> nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+
+    if isinstance(model, nn.Module):
+        return model
+    if model is not None:
+        net = AutoModelForCausalLM.from_pretrained(model, attn_implementation=attn_implementation)
+        if vocab_size is not None and net.get_input_embeddings().num_embeddings != vocab_size:
+            net.resize_token_embeddings(vocab_size)
+        return net
+    if config is None:
+        raise ValueError(
+            "CausalLMModule needs `model` (a Hugging Face name or a local directory) or `config` "
+            "(a dict with 'model_type', e.g. {'model_type': 'gpt_neox', 'hidden_size': 64})"
+        )
+    if isinstance(config, PretrainedConfig):
+        cfg = config
+    else:
+        kwargs = dict(config)
+        if "model_type" not in kwargs:
+            raise ValueError(
+                f"config needs a 'model_type' key (e.g. 'gpt_neox'); got {sorted(kwargs)}"
+            )
+        cfg = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
+    if vocab_size is not None:
+        cfg.vocab_size = vocab_size
+    cfg._attn_implementation = attn_implementation
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return AutoModelForCausalLM.from_config(cfg, attn_implementation=attn_implementation)
+
+
+class CausalLMModule(L.LightningModule):
+    """Train a causal LM with AdamW (or Adafactor) on batches of ``input_ids``/``labels``.
+
+    ``training_step`` returns the batch loss Hugging Face would compute (mean over
+    every supervised token of the batch) and, as ``example_loss``, each example's mean
+    token loss, which :class:`~lightning_bergson.GradientCaptureCallback` stores.
+
+    Args:
+        model: A Hugging Face model name, a local directory written by ``save_pretrained``,
+            or an ``nn.Module`` (a ``PreTrainedModel``) to wrap as is.
+        config: Build a fresh model from config keys instead, e.g.
+            ``{"model_type": "gpt_neox", "hidden_size": 64, "num_hidden_layers": 2}``
+            (a ``PretrainedConfig`` works too).
+        vocab_size: Override the vocabulary size (the CLI links it from the data module).
+        optimizer: ``"adamw"`` (``torch.optim.AdamW``) or ``"adafactor"``
+            (``torch.optim.Adafactor``).
+        lr: Learning rate.
+        weight_decay: Decoupled weight decay.
+        betas: Adam betas (AdamW only).
+        eps: Adam epsilon (AdamW only).
+        warmup_steps: Linear learning-rate warmup steps (0 = constant).
+        attn_implementation: ``"eager"`` (exact, twice differentiable) or ``"sdpa"``.
+        seed: Initialization seed for models built from ``config``.
+
+    Example:
+        >>> module = CausalLMModule(config={"model_type": "gpt_neox", "vocab_size": 64,
+        ...     "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+        ...     "intermediate_size": 32})
+        >>> module(torch.randint(0, 64, (2, 5))).shape
+        torch.Size([2, 5, 64])
+
+        Without ``vocab_size`` in ``config`` the network is built in ``configure_model``
+        with the vocabulary of the trainer's data module (``datamodule.vocab_size``).
+    """
+
+    def __init__(
+        self,
+        model: str | nn.Module | None = None,
+        *,
+        config: dict[str, Any] | None = None,
+        vocab_size: int | None = None,
+        optimizer: Literal["adamw", "adafactor"] = "adamw",
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        warmup_steps: int = 0,
+        attn_implementation: str = "eager",
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if optimizer not in ("adamw", "adafactor"):
+            raise ValueError(f"optimizer={optimizer!r} is not one of 'adamw', 'adafactor'")
+        self.save_hyperparameters(ignore=["model"] if isinstance(model, nn.Module) else None)
+        self.model: nn.Module | None = None
+        if model is not None or vocab_size is not None or "vocab_size" in dict(config or {}):
+            self.model = _build_network(model, config, vocab_size, attn_implementation, seed)
+        self._source = model
+
+    @override
+    def configure_model(self) -> None:
+        """Build the network once the data module's vocabulary is known."""
+        if self.model is not None:
+            return
+        vocab_size = getattr(self.trainer.datamodule, "vocab_size", None)
+        if vocab_size is None:
+            raise ValueError(
+                "CausalLMModule was given no vocab_size and the trainer has no data module with "
+                "a `vocab_size`; pass vocab_size=... or config={'vocab_size': ...}"
+            )
+        self.hparams.vocab_size = int(vocab_size)  # so checkpoints rebuild the same network
+        hp = self.hparams
+        self.model = _build_network(
+            self._source, hp.config, int(vocab_size), hp.attn_implementation, hp.seed
+        )
+
+    @override
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """Logits ``[B, S, V]``."""
+        assert self.model is not None, "the network is built in configure_model"
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    def _losses(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        logits = self(batch["input_ids"], batch.get("attention_mask"))
+        labels = batch.get("labels")
+        if labels is None:
+            labels = batch["input_ids"]
+            if "attention_mask" in batch:
+                labels = labels.masked_fill(batch["attention_mask"] == 0, -100)
+        sums, counts = causal_lm_losses(logits, labels)
+        loss = sums.sum() / counts.sum().clamp(min=1)  # HF's batch mean over supervised tokens
+        return loss, sums / counts.clamp(min=1)
+
+    @override
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        loss, example_loss = self._losses(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        return {"loss": loss, "example_loss": example_loss.detach()}
+
+    @override
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        loss, _ = self._losses(batch)
+        self.log("val/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    @override
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        params = [p for p in self.parameters() if p.requires_grad]
+        if hp.optimizer == "adafactor":
+            opt: torch.optim.Optimizer = torch.optim.Adafactor(
+                params, lr=hp.lr, weight_decay=hp.weight_decay
+            )
+        else:
+            opt = torch.optim.AdamW(
+                params, lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps, weight_decay=hp.weight_decay
+            )
+        if not hp.warmup_steps:
+            return opt
+        warmup = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda step: min(1.0, (step + 1) / hp.warmup_steps)
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": warmup, "interval": "step"}}

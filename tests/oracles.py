@@ -1,0 +1,89 @@
+"""Shared test fixtures: tiny models and the torch.func per-example gradient oracle."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+
+
+def tiny_gpt_neox(seed: int = 0, vocab_size: int = 97, dtype: torch.dtype = torch.float32):
+    """A 2-layer GPT-NeoX small enough for exact oracles (eager attention, no dropout)."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = GPTNeoXConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        attn_implementation="eager",
+    )
+    return GPTNeoXForCausalLM(cfg).to(dtype)
+
+
+def lm_batch(num: int = 6, seq: int = 10, vocab_size: int = 97, seed: int = 1) -> dict[str, Tensor]:
+    """A right-padded causal-LM batch with uneven lengths and example ids."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab_size, (num, seq), generator=gen)
+    lengths = torch.randint(seq // 2, seq + 1, (num,), generator=gen)
+    lengths[0] = seq
+    mask = (torch.arange(seq)[None] < lengths[:, None]).long()
+    labels = ids.masked_fill(mask == 0, -100)
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "labels": labels,
+        "example_id": torch.arange(100, 100 + num),
+    }
+
+
+def example_losses(logits: Tensor, labels: Tensor, reduction: str = "sum") -> Tensor:
+    """Per-example causal-LM loss ``[B]``: sum or mean over supervised (shifted) tokens."""
+    tgt = labels[:, 1:]
+    tok = nn.functional.cross_entropy(
+        logits[:, :-1].transpose(1, 2), tgt, ignore_index=-100, reduction="none"
+    )  # (B, S-1)
+    total = tok.sum(1)
+    if reduction == "mean":
+        return total / (tgt != -100).sum(1).clamp(min=1)
+    return total
+
+
+def oracle_lm_grads(model: nn.Module, batch: dict[str, Tensor], reduction: str = "sum"):
+    """``torch.func.vmap(grad(L_i))`` for every example: name -> ``[B, *param.shape]``."""
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss_one(p, ids, mask, labels):
+        out = functional_call(model, p, (), {"input_ids": ids[None], "attention_mask": mask[None]})
+        return example_losses(out.logits, labels[None], reduction)[0]
+
+    fn = vmap(grad(loss_one), in_dims=(None, 0, 0, 0))
+    return fn(params, batch["input_ids"], batch["attention_mask"], batch["labels"])
+
+
+def module_grad(grads: dict[str, Tensor], name: str, *, bias: bool = False, conv1d=False) -> Tensor:
+    """Per-example ``[B, O, I(+1)]`` gradient of module ``name`` in Linear orientation."""
+    w = grads[f"{name}.weight"]
+    if conv1d:
+        w = w.transpose(1, 2)
+    if bias:
+        w = torch.cat([w, grads[f"{name}.bias"][..., None]], dim=-1)
+    return w
+
+
+class ToyConv1DNet(nn.Module):
+    """Embedding -> HF Conv1D -> tanh -> Linear, to cover the transposed layer type."""
+
+    def __init__(self, vocab: int = 11, hidden: int = 6) -> None:
+        super().__init__()
+        from transformers.pytorch_utils import Conv1D
+
+        self.emb = nn.Embedding(vocab, hidden)
+        self.conv = Conv1D(8, hidden)  # nf=8 outputs, nx=hidden inputs
+        self.out = nn.Linear(8, vocab)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.out(torch.tanh(self.conv(self.emb(ids))))

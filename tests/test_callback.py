@@ -1,0 +1,294 @@
+"""GradientCaptureCallback end to end: stored rows against torch.func oracles."""
+
+from __future__ import annotations
+
+import copy
+
+import lightning.pytorch as L
+import pytest
+import torch
+from oracles import example_losses, lm_batch, module_grad, oracle_lm_grads, tiny_gpt_neox
+from torch.utils.data import DataLoader
+
+from lightning_bergson import CausalLMModule, GradientCaptureCallback, GradientStore
+
+MODULES = [
+    "gpt_neox.layers.0.attention.query_key_value",
+    "gpt_neox.layers.1.mlp.dense_4h_to_h",
+]
+
+
+class Rows(torch.utils.data.Dataset):
+    """Rows of a fixed-length padded batch dict, so default collation rebuilds batches."""
+
+    def __init__(self, batch: dict[str, torch.Tensor]) -> None:
+        self.batch = batch
+
+    def __len__(self) -> int:
+        return len(self.batch["input_ids"])
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {k: v[i] for k, v in self.batch.items()}
+
+
+class HFLossModule(L.LightningModule):
+    """Returns Hugging Face's own batch-mean loss, as most user modules do."""
+
+    def __init__(self, model, lr: float = 0.0) -> None:
+        super().__init__()
+        self.model, self.lr = model, lr
+
+    def training_step(self, batch, batch_idx):
+        inputs = {k: v for k, v in batch.items() if k != "example_id"}
+        return self.model(**inputs).loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=0.0)
+
+
+class SumLossModule(HFLossModule):
+    """Sum of every token loss, optionally with NaN injected into one example."""
+
+    def __init__(self, model, nan_row: int | None = None) -> None:
+        super().__init__(model)
+        self.nan_row = nan_row
+
+    def training_step(self, batch, batch_idx):
+        logits = self.model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).logits
+        if self.nan_row is not None:
+            poison = torch.ones(len(logits), 1, 1)
+            poison[self.nan_row] = float("nan")
+            logits = logits * poison
+        return example_losses(logits, batch["labels"]).sum()
+
+
+def fit(
+    module, data, callback, *, batch_size=4, accumulate=1, max_epochs=1, max_steps=-1, shuffle=False
+):
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=max_epochs,
+        max_steps=max_steps,
+        accumulate_grad_batches=accumulate,
+        callbacks=[callback],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    loader = DataLoader(
+        Rows(data),
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=torch.Generator().manual_seed(0),
+    )
+    trainer.fit(module, loader)
+    return trainer
+
+
+def stored_by_id(path, modules=None):
+    store = GradientStore.open(path)
+    rows = store.read(slice(None), modules=modules)
+    return store, {int(i): rows[k] for k, i in enumerate(store.example_ids)}
+
+
+def expected_rows(model, data, reduction, modules=MODULES):
+    grads = oracle_lm_grads(model, data, reduction)
+    full = torch.cat([module_grad(grads, m).flatten(1) for m in modules], dim=1)
+    return {int(i): full[k] for k, i in enumerate(data["example_id"])}
+
+
+def assert_rows_match(got, want, tol=1e-5):
+    assert sorted(got) == sorted(want)
+    for i, row in want.items():
+        err = ((got[i] - row).norm() / row.norm()).item()
+        assert err <= tol, (i, err)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+@pytest.mark.parametrize("accumulate", [1, 2])
+@pytest.mark.parametrize("kind", ["causal_lm", "hf_loss"])
+def test_rows_equal_per_example_gradients(tmp_path, reduction, accumulate, kind):
+    """lr=0 keeps the parameters fixed, so every row has the same oracle."""
+    net = tiny_gpt_neox()
+    data = lm_batch(num=10, seq=9)
+    want = expected_rows(copy.deepcopy(net), data, reduction)
+    module = (
+        CausalLMModule(net, lr=0.0, weight_decay=0.0) if kind == "causal_lm" else HFLossModule(net)
+    )
+    cb = GradientCaptureCallback(
+        tmp_path / "g.zarr",
+        projection_dim=0,
+        include=MODULES,
+        loss_reduction=reduction,
+        dtype="float32",
+    )
+    fit(module, data, cb, batch_size=3, accumulate=accumulate)
+    store, got = stored_by_id(tmp_path / "g.zarr")
+    assert_rows_match(got, want)
+    assert store.complete and store.attrs["loss_reduction"] == reduction
+    assert [m.name for m in store.modules] == MODULES
+
+
+def test_sum_batch_reduction_and_float16(tmp_path):
+    net = tiny_gpt_neox()
+    data = lm_batch(num=8, seq=8)
+    want = expected_rows(copy.deepcopy(net), data, "sum")
+    cb = GradientCaptureCallback(
+        tmp_path / "g.zarr", projection_dim=0, include=MODULES, batch_reduction="sum"
+    )
+    fit(SumLossModule(net), data, cb)
+    store, got = stored_by_id(tmp_path / "g.zarr")
+    assert store.dtype == "float16"
+    assert_rows_match(got, want, tol=1e-3)  # float16 storage
+
+
+def test_step_epoch_and_loss_columns(tmp_path):
+    net = tiny_gpt_neox()
+    data = lm_batch(num=8, seq=8)
+    cb = GradientCaptureCallback(tmp_path / "g.zarr", projection_dim=2)
+    fit(
+        CausalLMModule(net, lr=0.0),
+        data,
+        cb,
+        batch_size=2,
+        accumulate=2,
+        max_epochs=2,
+        shuffle=True,
+    )
+    store = GradientStore.open(tmp_path / "g.zarr")
+    assert len(store) == 16
+    # 4 micro-batches of 2 per epoch, 2 micro-batches per optimizer step -> steps 0..3
+    assert store.steps.tolist() == [0] * 4 + [1] * 4 + [2] * 4 + [3] * 4
+    assert store.epochs.tolist() == [0] * 8 + [1] * 8
+    for epoch in (0, 1):
+        assert sorted(store.example_ids[store.epochs == epoch].tolist()) == list(range(100, 108))
+    logits = net(input_ids=data["input_ids"], attention_mask=data["attention_mask"]).logits
+    mean_loss = example_losses(logits, data["labels"], "mean").detach()
+    for k, i in enumerate(store.example_ids):
+        assert abs(store.losses[k] - mean_loss[i - 100]) < 1e-5
+
+
+def test_same_example_in_different_batches(tmp_path):
+    """Batch invariance: example 3 shares a batch with others in epoch 0 and 1."""
+    net = tiny_gpt_neox()
+    data = lm_batch(num=9, seq=8)
+    cb = GradientCaptureCallback(tmp_path / "g.zarr", projection_dim=4, dtype="float32")
+    fit(CausalLMModule(net, lr=0.0), data, cb, batch_size=4, max_epochs=2, shuffle=True)
+    store = GradientStore.open(tmp_path / "g.zarr")
+    rows = store.read(slice(None))
+    for example in range(100, 109):
+        a, b = rows[torch.as_tensor(store.example_ids == example).nonzero().flatten()]
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _manual_normalized_rows(net, data, batch_size, make_opt, kind):
+    """Replay the training by hand; normalize step t's oracle rows with the state after step t."""
+    net = copy.deepcopy(net)
+    opt = make_opt(net.parameters())
+    want = {}
+    for start in range(0, len(data["input_ids"]), batch_size):
+        batch = {k: v[start : start + batch_size] for k, v in data.items()}
+        grads = oracle_lm_grads(net, batch, "sum")
+        out = net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        opt.zero_grad()
+        sums = example_losses(out.logits, batch["labels"])
+        (sums.sum() / (batch["labels"][:, 1:] != -100).sum()).backward()
+        opt.step()
+        parts = []
+        for name in MODULES:
+            weight = net.get_submodule(name).weight
+            state, group = opt.state[weight], opt.param_groups[0]
+            if "exp_avg_sq" in state:
+                v = state["exp_avg_sq"] / (1 - group["betas"][1] ** state["step"])
+                if kind == "adam":
+                    denom = v.sqrt() + group["eps"]
+                else:
+                    denom = (v.mean(1, keepdim=True) * v.mean(0, keepdim=True) / v.mean()).sqrt()
+            else:  # torch.optim.Adafactor
+                r, c = state["row_var"], state["col_var"]
+                denom = (r @ c / r.mean()).sqrt()
+            parts.append((module_grad(grads, name) / denom).flatten(1))
+        rows = torch.cat(parts, dim=1)
+        want.update({int(i): rows[k] for k, i in enumerate(batch["example_id"])})
+    return want
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "kind"), [("adamw", "adam"), ("adamw", "adafactor"), ("adafactor", "adafactor")]
+)
+def test_optimizer_normalizers_use_state_after_each_step(tmp_path, optimizer, kind):
+    net = tiny_gpt_neox()
+    data = lm_batch(num=9, seq=8)
+    if optimizer == "adamw":
+
+        def make_opt(p):
+            return torch.optim.AdamW(p, lr=1e-2, weight_decay=0.0)
+    else:
+
+        def make_opt(p):
+            return torch.optim.Adafactor(p, lr=1e-2)
+
+    want = _manual_normalized_rows(net, data, 3, make_opt, kind)
+    cb = GradientCaptureCallback(
+        tmp_path / "g.zarr", projection_dim=0, include=MODULES, normalizer=kind, dtype="float32"
+    )
+    fit(CausalLMModule(net, optimizer=optimizer, lr=1e-2, weight_decay=0.0), data, cb, batch_size=3)
+    _, got = stored_by_id(tmp_path / "g.zarr")
+    assert_rows_match(got, want, tol=1e-4)
+
+
+def test_missing_example_id(tmp_path):
+    data = lm_batch(num=4, seq=6)
+    del data["example_id"]
+    cb = GradientCaptureCallback(tmp_path / "g.zarr", projection_dim=2)
+    with pytest.raises(
+        KeyError, match=r"needs each training batch to carry 'example_id'.*with_indices"
+    ):
+        fit(CausalLMModule(tiny_gpt_neox(), lr=0.0), data, cb)
+
+
+def test_unknown_module_pattern(tmp_path):
+    cb = GradientCaptureCallback(tmp_path / "g.zarr", include=["*.attn.*"])
+    with pytest.raises(ValueError, match=r"'\*\.attn\.\*' matches no"):
+        fit(CausalLMModule(tiny_gpt_neox(), lr=0.0), lm_batch(num=4, seq=6), cb)
+
+
+def test_existing_store_needs_overwrite(tmp_path):
+    data = lm_batch(num=4, seq=6)
+    fit(CausalLMModule(tiny_gpt_neox(), lr=0.0), data, GradientCaptureCallback(tmp_path / "g.zarr"))
+    before = GradientStore.open(tmp_path / "g.zarr").read(slice(None))
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        fit(
+            CausalLMModule(tiny_gpt_neox(seed=3), lr=0.0),
+            data,
+            GradientCaptureCallback(tmp_path / "g.zarr"),
+        )
+    torch.testing.assert_close(GradientStore.open(tmp_path / "g.zarr").read(slice(None)), before)
+    fit(
+        CausalLMModule(tiny_gpt_neox(seed=3), lr=0.0),
+        data,
+        GradientCaptureCallback(tmp_path / "g.zarr", overwrite=True),
+    )
+    assert not torch.equal(GradientStore.open(tmp_path / "g.zarr").read(slice(None)), before)
+
+
+def test_nan_gradients_are_flagged_not_hidden(tmp_path):
+    net = tiny_gpt_neox()
+    data = lm_batch(num=4, seq=8)
+    want = expected_rows(copy.deepcopy(net), data, "sum")
+    cb = GradientCaptureCallback(
+        tmp_path / "g.zarr",
+        projection_dim=0,
+        include=MODULES,
+        batch_reduction="sum",
+        dtype="float32",
+    )
+    with pytest.warns(UserWarning, match=r"non-finite gradients for example ids \[101\]"):
+        fit(SumLossModule(net, nan_row=1), data, cb, max_steps=1)
+    store, got = stored_by_id(tmp_path / "g.zarr")
+    assert store.finite.tolist() == [True, False, True, True]
+    assert torch.isnan(got[101]).any()
+    assert_rows_match({i: got[i] for i in (100, 102, 103)}, {i: want[i] for i in (100, 102, 103)})

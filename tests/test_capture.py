@@ -1,0 +1,265 @@
+"""GradientCollector against torch.func per-example gradients and explicit projections."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from oracles import (
+    ToyConv1DNet,
+    example_losses,
+    lm_batch,
+    module_grad,
+    oracle_lm_grads,
+    tiny_gpt_neox,
+)
+from torch.func import functional_call, grad, vmap
+
+from lightning_bergson.capture import (
+    AdafactorNormalizer,
+    AdamNormalizer,
+    GradientCollector,
+    HeadConfig,
+    projection_matrix,
+)
+
+QKV = "gpt_neox.layers.0.attention.query_key_value"
+DENSE = "gpt_neox.layers.0.attention.dense"
+MLP = "gpt_neox.layers.1.mlp.dense_h_to_4h"
+
+
+def collect(model, batch, reduction="sum", **kwargs):
+    """Rows from the collector for the summed per-example loss."""
+    with GradientCollector(model, **kwargs) as collector:
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        example_losses(out.logits, batch["labels"], reduction).sum().backward()
+    return collector.gradients
+
+
+def rel_err(x, y):
+    return ((x - y).norm() / y.norm()).item()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_gpt_neox()
+
+
+@pytest.fixture(scope="module")
+def batch():
+    return lm_batch()
+
+
+@pytest.fixture(scope="module")
+def oracle(model, batch):
+    return oracle_lm_grads(model, batch)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_exact_rows_equal_torch_func(model, batch, oracle, bias):
+    rows = collect(model, batch, projection_dim=0, include_bias=bias)
+    assert len(rows) == 8  # 2 layers x (qkv, dense, h_to_4h, 4h_to_h); lm_head excluded
+    for name, got in rows.items():
+        want = module_grad(oracle, name, bias=bias).flatten(1)
+        assert rel_err(got, want) <= 1e-5, name
+
+
+def test_conv1d_rows_equal_torch_func():
+    torch.manual_seed(0)
+    net = ToyConv1DNet()
+    ids = torch.randint(0, 11, (5, 7))
+    params = {k: v.detach() for k, v in net.named_parameters()}
+
+    def loss_one(p, x):
+        return functional_call(net, p, (x[None],)).square().sum()
+
+    oracle = vmap(grad(loss_one), in_dims=(None, 0))(params, ids)
+    with GradientCollector(net, projection_dim=0, include_bias=True) as c:
+        net(ids).square().sum().backward()
+    assert (
+        rel_err(c.gradients["conv"], module_grad(oracle, "conv", bias=True, conv1d=True).flatten(1))
+        < 1e-5
+    )
+    assert rel_err(c.gradients["out"], module_grad(oracle, "out", bias=True).flatten(1)) < 1e-5
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_projected_rows_equal_explicit_projection(model, batch, oracle, bias):
+    p, seed = 4, 7
+    rows = collect(model, batch, projection_dim=p, seed=seed, include_bias=bias)
+    for name in (QKV, MLP):
+        full = module_grad(oracle, name, bias=bias)  # (B, O, I)
+        left = projection_matrix(p, full.shape[1], seed=seed, key=name, side="left")
+        right = projection_matrix(p, full.shape[2], seed=seed, key=name, side="right")
+        want = (left @ full @ right.T).flatten(1)
+        assert rel_err(rows[name], want) <= 1e-5
+
+
+def test_projection_preserves_inner_products_on_average():
+    """Over many seeds, <L G1 R^T, L G2 R^T> / <G1, G2> averages to 1 (JL scaling)."""
+    torch.manual_seed(0)
+    g1 = torch.randn(24, 40)
+    g2 = g1 + 0.5 * torch.randn(24, 40)
+    true = (g1 * g2).sum()
+    ratios = []
+    for seed in range(400):
+        left = projection_matrix(8, 24, seed=seed, key="m", side="left")
+        right = projection_matrix(8, 40, seed=seed, key="m", side="right")
+        ratios.append(((left @ g1 @ right.T) * (left @ g2 @ right.T)).sum() / true)
+    assert abs(torch.stack(ratios).mean().item() - 1) < 0.05
+
+
+def test_projection_is_seeded_and_device_independent():
+    a = projection_matrix(8, 30, seed=3, key="x.y", side="left")
+    assert torch.equal(a, projection_matrix(8, 30, seed=3, key="x.y", side="left"))
+    assert not torch.equal(a, projection_matrix(8, 30, seed=4, key="x.y", side="left"))
+    assert not torch.equal(a, projection_matrix(8, 30, seed=3, key="x.y", side="right"))
+    assert torch.allclose(a.abs(), torch.full_like(a, 8**-0.5))
+    assert 0.3 < (a > 0).float().mean() < 0.7
+    if torch.cuda.is_available():
+        gpu = projection_matrix(8, 30, seed=3, key="x.y", side="left", device="cuda")
+        assert torch.equal(gpu.cpu(), a)
+
+
+def _random_moments(model, names, bias, kind):
+    gen = torch.Generator().manual_seed(5)
+    out = {}
+    for name in names:
+        mod = model.get_submodule(name)
+        shape = (mod.out_features, mod.in_features + int(bias))
+        v = torch.rand(shape, generator=gen) + 0.1
+        if kind == "adam":
+            out[name] = AdamNormalizer(v, eps=1e-3)
+        else:
+            out[name] = AdafactorNormalizer(v.mean(1), v.mean(0))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["adafactor", "adam"])
+@pytest.mark.parametrize("p", [0, 4])
+def test_normalized_rows_equal_explicit_normalization(model, batch, oracle, kind, p):
+    """The Adafactor trick (and the Adam path) equal normalizing G explicitly, then projecting."""
+    names = [QKV, MLP]
+    norms = _random_moments(model, names, bias=True, kind=kind)
+    rows = collect(
+        model, batch, projection_dim=p, include=names, include_bias=True, normalizers=norms, seed=2
+    )
+    for name in names:
+        full = module_grad(oracle, name, bias=True)
+        norm = norms[name]
+        if kind == "adafactor":
+            v = norm.row[:, None] * norm.col[None, :] / norm.row.mean()
+            full = full / v.sqrt()
+        else:
+            full = full / (norm.avg_sq.sqrt() + norm.eps)
+        if p:
+            left = projection_matrix(p, full.shape[1], seed=2, key=name, side="left")
+            right = projection_matrix(p, full.shape[2], seed=2, key=name, side="right")
+            full = left @ full @ right.T
+        assert rel_err(rows[name], full.flatten(1)) <= 1e-5
+
+
+@pytest.mark.parametrize("p", [0, 3])
+def test_heads_split_both_axes(model, batch, oracle, p):
+    heads = {QKV: HeadConfig(4, 24), DENSE: HeadConfig(4, 8, axis="input")}
+    rows = collect(model, batch, projection_dim=p, include=[QKV, DENSE], head_cfgs=heads, seed=1)
+    assert sorted(rows) == sorted(
+        [f"{QKV}.head_{h}" for h in range(4)] + [f"{DENSE}.head_{h}" for h in range(4)]
+    )
+    for h in range(4):
+        blocks = {
+            QKV: module_grad(oracle, QKV)[:, 24 * h : 24 * (h + 1), :],
+            DENSE: module_grad(oracle, DENSE)[:, :, 8 * h : 8 * (h + 1)],
+        }
+        for name, want in blocks.items():
+            key = f"{name}.head_{h}"
+            if p:
+                left = projection_matrix(p, want.shape[1], seed=1, key=key, side="left")
+                right = projection_matrix(p, want.shape[2], seed=1, key=key, side="right")
+                want = left @ want @ right.T
+            assert rel_err(rows[key], want.flatten(1)) <= 1e-5, key
+
+
+def test_heads_with_adam_normalizer(model, batch, oracle):
+    norms = _random_moments(model, [QKV], bias=False, kind="adam")
+    rows = collect(
+        model,
+        batch,
+        projection_dim=3,
+        include=[QKV],
+        head_cfgs={QKV: HeadConfig(4, 24)},
+        normalizers=norms,
+        seed=1,
+    )
+    full = module_grad(oracle, QKV) / (norms[QKV].avg_sq.sqrt() + norms[QKV].eps)
+    want = full[:, 24:48]
+    left = projection_matrix(3, 24, seed=1, key=f"{QKV}.head_1", side="left")
+    right = projection_matrix(3, 32, seed=1, key=f"{QKV}.head_1", side="right")
+    assert rel_err(rows[f"{QKV}.head_1"], (left @ want @ right.T).flatten(1)) <= 1e-5
+
+
+def test_head_config_that_does_not_divide_is_rejected(model):
+    with pytest.raises(ValueError, match=r"does not divide module .*query_key_value.*96"):
+        GradientCollector(model, head_cfgs={QKV: HeadConfig(5, 24)})
+    with pytest.raises(ValueError, match="matches no tracked module"):
+        GradientCollector(model, include=[MLP], head_cfgs={QKV: HeadConfig(4, 24)})
+    with pytest.raises(ValueError, match="head_dim"):
+        HeadConfig(4, 24, head_dim=1)
+
+
+def test_module_patterns_that_match_nothing(model):
+    with pytest.raises(
+        ValueError, match=r"'\*\.attn\.\*' matches no nn.Linear.*available modules include"
+    ):
+        GradientCollector(model, include=["*.attn.*"])
+    with pytest.raises(ValueError, match="leave no module"):
+        GradientCollector(model, include=["*.mlp.*"], exclude=["*"])
+
+
+def test_glob_selection(model):
+    c = GradientCollector(model, include=["*.mlp.*"], exclude=["*.layers.1.*"])
+    assert list(c.modules) == [
+        "gpt_neox.layers.0.mlp.dense_h_to_4h",
+        "gpt_neox.layers.0.mlp.dense_4h_to_h",
+    ]
+
+
+def test_batch_invariance(model, batch):
+    """An example's row does not depend on the other examples of its batch."""
+    rows = collect(model, batch, projection_dim=4)
+    sub = {k: v[[3, 1]] for k, v in batch.items()}
+    sub_rows = collect(model, sub, projection_dim=4)
+    for name in rows:
+        torch.testing.assert_close(sub_rows[name], rows[name][[3, 1]], rtol=1e-5, atol=1e-6)
+
+
+def test_deferred_processing_uses_later_normalizers(model, batch):
+    norms = _random_moments(model, [MLP], bias=False, kind="adafactor")
+    direct = collect(model, batch, projection_dim=4, include=[MLP], normalizers=norms)
+    got = {}
+    with GradientCollector(
+        model,
+        projection_dim=4,
+        include=[MLP],
+        defer=True,
+        closure=lambda k, r: got.__setitem__(k, r),
+    ) as c:
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        example_losses(out.logits, batch["labels"]).sum().backward()
+        assert not got  # nothing processed before the normalizer is known
+        c.set_normalizers(norms)
+        c.process_pending()
+    torch.testing.assert_close(got[MLP], direct[MLP])
+
+
+def test_normalizer_shape_mismatch(model):
+    with pytest.raises(ValueError, match=r"has shape \(3, 3\)"):
+        GradientCollector(model, include=[MLP], normalizers={MLP: AdamNormalizer(torch.ones(3, 3))})
+
+
+def test_disabled_collector_and_no_grad_capture_nothing(model, batch):
+    with GradientCollector(model, projection_dim=2) as c:
+        with torch.no_grad():
+            model(input_ids=batch["input_ids"])
+        c.enabled = False
+        model(input_ids=batch["input_ids"]).logits.sum().backward()
+    assert c.gradients == {}
