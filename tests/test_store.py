@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-import lightning_bergson.store as store_mod
+import lightning_bergson.store.writer as store_mod
 from lightning_bergson.store import (
     GradientStore,
     GradientStoreWriteError,

@@ -1,38 +1,10 @@
-"""Zarr v3 gradient store: one append-only group of rows per writer rank.
-
-Layout of a store directory (see DESIGN.md, section 2)::
-
-    run.zarr/zarr.json            root attrs: format, schema_version, modules, dim, dtype, ...
-    run.zarr/rank_<r>/            attrs {"rank", "committed_rows", "complete"}
-        gradients [N_r, D]        float16 | float32, chunks (chunk_rows, D), uncompressed
-        example_id, step [N_r] int64; epoch [N_r] int32; loss [N_r] float32; finite [N_r] bool
-
-Rows are buffered and written in whole chunks by a background thread; a rank's
-``committed_rows`` attribute only advances after its rows are on disk, so a reader after a
-crash never sees rows that were not written. Metadata is JSON; nothing is pickled.
-
-Example:
-    >>> import tempfile
-    >>> path = Path(tempfile.mkdtemp()) / "run.zarr"
-    >>> blocks = layout_blocks([("fc", (4, 3), "fc", None)])
-    >>> with GradientStoreWriter(path, modules=blocks) as w:
-    ...     w.append(torch.randn(5, 12), example_id=range(5), step=[0] * 5, epoch=[0] * 5)
-    >>> GradientStore.open(path).read([4, 0], modules=["fc"]).shape
-    torch.Size([2, 12])
-"""
+"""GradientStoreWriter: append rows of one rank in whole chunks from a background thread."""
 
 from __future__ import annotations
 
-import dataclasses
-import fnmatch
-import importlib.metadata
-import json
-import math
 import queue
 import shutil
 import threading
-import warnings
-from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,165 +12,20 @@ import numpy as np
 import torch
 import zarr
 
-__all__ = [
-    "GradientStore",
-    "GradientStoreWriteError",
-    "GradientStoreWriter",
-    "IncompleteStoreWarning",
-    "LazyRows",
-    "ModuleBlock",
-    "layout_blocks",
-]
+from .schema import (
+    COLUMNS,
+    DTYPES,
+    GradientStoreWriteError,
+    ModuleBlock,
+    Rows,
+    _check_modules,
+    _foreign_entries,
+    _open_root_attrs,
+    _read_attrs,
+    _root_attrs,
+)
 
-FORMAT = "lightning_bergson.gradient_store"
-SCHEMA_VERSION = 1
-DTYPES = ("float16", "float32")
-# Per-row columns stored next to `gradients`, with their on-disk dtype.
-COLUMNS = {
-    "example_id": "int64",
-    "step": "int64",
-    "epoch": "int32",
-    "loss": "float32",
-    "finite": "bool",
-}
-FIXED_KEYS = ("schema_version", "package_version", "format", "modules", "dim", "dtype")
-FIXED_KEYS += ("chunk_rows", "world_size", "complete")
-_AUX_DIRS = ("normalizers", "preconditioners")
-
-Rows = dict[str, np.ndarray]  # column name -> [n, ...] array, always including "gradients"
-
-
-class GradientStoreWriteError(RuntimeError):
-    """Writing rows to the store failed (disk full, permission denied, ...)."""
-
-
-class IncompleteStoreWarning(UserWarning):
-    """The store was opened before every rank closed it; only committed rows are exposed."""
-
-
-@dataclasses.dataclass(frozen=True)
-class ModuleBlock:
-    """A contiguous block of columns in a gradient row, owned by one module (or one head).
-
-    Example:
-        >>> ModuleBlock("attn.head_1", offset=16, size=16, shape=(4, 4), parent="attn", head=1)
-        ModuleBlock(name='attn.head_1', offset=16, size=16, shape=(4, 4), parent='attn', head=1)
-    """
-
-    name: str
-    offset: int
-    size: int
-    shape: tuple[int, ...]
-    parent: str
-    head: int | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        """Return the block as a JSON-able dict (the store's ``modules`` entries)."""
-        return {**dataclasses.asdict(self), "shape": list(self.shape)}
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> ModuleBlock:
-        """Inverse of :meth:`to_json`."""
-        return cls(**{**d, "shape": tuple(d["shape"])})
-
-
-def layout_blocks(blocks: list[tuple[str, tuple[int, ...], str, int | None]]) -> list[ModuleBlock]:
-    """Assign contiguous column offsets to ``(name, shape, parent, head)`` in the given order."""
-    out, offset = [], 0
-    for name, shape, parent, head in blocks:
-        size = math.prod(shape)
-        out.append(ModuleBlock(name, offset, size, tuple(shape), parent, head))
-        offset += size
-    return out
-
-
-def _check_modules(modules: Sequence[ModuleBlock]) -> int:
-    """Validate that blocks tile ``[0, D)`` in order with unique names; return ``D``."""
-    if not modules:
-        raise ValueError("modules must list at least one ModuleBlock (see layout_blocks)")
-    offset, names = 0, set()
-    for b in modules:
-        if b.offset != offset or b.size != math.prod(b.shape) or b.name in names:
-            raise ValueError(
-                f"bad module block {b}: blocks need unique names, size == prod(shape)"
-                f" and contiguous offsets (expected offset {offset}); use layout_blocks"
-            )
-        offset, names = offset + b.size, names | {b.name}
-    return offset
-
-
-def _read_attrs(node: Path) -> dict[str, Any] | None:
-    """Attributes of the Zarr node at ``node`` read straight from its zarr.json, or None."""
-    meta = node / "zarr.json"
-    if not meta.is_file():
-        return None
-    with meta.open() as f:
-        return json.load(f).get("attributes", {})
-
-
-def _package_version() -> str:
-    try:
-        return importlib.metadata.version("lightning-bergson")
-    except importlib.metadata.PackageNotFoundError:
-        return "0+unknown"
-
-
-def _foreign_entries(path: Path) -> list[str]:
-    """Entries of ``path`` showing it is not a (partly written) gradient store; [] if it is."""
-    if not path.is_dir():
-        return [path.name]
-    attrs = _read_attrs(path)
-    if attrs is not None:
-        return [] if attrs.get("format") == FORMAT else ["zarr.json (not a gradient store)"]
-    return sorted(p.name for p in path.iterdir() if not p.name.startswith("rank_"))
-
-
-def _open_root_attrs(path: Path) -> dict[str, Any]:
-    """Root attributes of the store at ``path``, with errors that say what is wrong."""
-    if not path.exists():
-        raise FileNotFoundError(f"No gradient store at {path}: the path does not exist.")
-    attrs = _read_attrs(path) if path.is_dir() else None
-    if attrs is None or attrs.get("format") != FORMAT:
-        raise ValueError(
-            f"{path} is not a lightning_bergson gradient store "
-            f"(its zarr.json has no attribute format={FORMAT!r})."
-        )
-    if int(attrs.get("schema_version", 0)) > SCHEMA_VERSION:
-        raise ValueError(
-            f"{path} uses store schema_version {attrs['schema_version']}, newer than"
-            f" {SCHEMA_VERSION} supported here; upgrade lightning-bergson."
-        )
-    return attrs
-
-
-def _root_attrs(
-    modules: Sequence[ModuleBlock],
-    dim: int,
-    dtype: str,
-    chunk_rows: int,
-    world_size: int,
-    metadata: dict[str, Any] | None,
-) -> dict[str, Any]:
-    """Root attributes: the fixed keys plus the caller's JSON metadata merged at top level."""
-    extra = dict(metadata or {})
-    if clash := sorted(set(extra) & set(FIXED_KEYS)):
-        raise ValueError(f"metadata keys {clash} collide with reserved store keys {FIXED_KEYS}")
-    try:
-        json.dumps(extra)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"metadata must be JSON-serializable: {err}") from err
-    fixed = {
-        "schema_version": SCHEMA_VERSION,
-        "package_version": _package_version(),
-        "format": FORMAT,
-        "modules": [b.to_json() for b in modules],
-        "dim": dim,
-        "dtype": dtype,
-        "chunk_rows": chunk_rows,
-        "world_size": world_size,
-        "complete": False,
-    }
-    return {**fixed, **extra}
+__all__ = ["GradientStoreWriter"]
 
 
 def _prepare_gradients(x: Any, dim: int, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
@@ -279,8 +106,11 @@ class GradientStoreWriter:
     removes an old store (the caller places a barrier between them).
 
     Example:
+        >>> from lightning_bergson.store import layout_blocks
         >>> blocks = layout_blocks([("fc", (2, 2), "fc", None)])
-        >>> w = GradientStoreWriter("/tmp/w.zarr", modules=blocks, overwrite=True, chunk_rows=2)
+        >>> import tempfile
+        >>> path = Path(tempfile.mkdtemp()) / "w.zarr"
+        >>> w = GradientStoreWriter(path, modules=blocks, chunk_rows=2)
         >>> w.append(np.ones((3, 4)), example_id=[0, 1, 2], step=0, epoch=0)
         >>> w.flush(), w.close()
         (3, None)
@@ -560,187 +390,3 @@ class GradientStoreWriter:
             self.close()
         else:
             self.abort()
-
-
-class LazyRows:
-    """A lazy [N, D] view over the committed rows of every rank, in rank order.
-
-    Example:
-        >>> rows = GradientStore.open("/tmp/run.zarr").gradients
-        >>> rows[[3, 0, 3]].shape, rows[1:3].shape, rows[0].shape
-        ((3, 12), (2, 12), (12,))
-    """
-
-    def __init__(self, arrays: list[zarr.Array], counts: list[int], dim: int, dtype: np.dtype):
-        self._arrays, self._counts = arrays, counts
-        self._offsets = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
-        self.shape, self.dtype = (int(self._offsets[-1]), dim), dtype
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def __getitem__(self, rows: int | slice | Sequence[int] | np.ndarray) -> np.ndarray:
-        return self.take(rows)
-
-    def take(self, rows: Any, cols: np.ndarray | None = None) -> np.ndarray:
-        """Rows (int, slice, or int array, any order) restricted to columns ``cols``."""
-        n = len(self)
-        if isinstance(rows, int | np.integer):
-            if not -n <= rows < n:
-                raise IndexError(f"row {rows} out of range for {n} rows")
-            return self.take(np.array([rows % n]), cols)[0]
-        if isinstance(rows, slice):
-            start, stop, step = rows.indices(n)
-            if step == 1:
-                return self._read_range(start, max(start, stop), _col_selection(cols))
-            rows = np.arange(start, stop, step)
-        idx = np.asarray(rows)
-        idx = np.flatnonzero(idx) if idx.dtype == bool else idx.astype(np.int64).reshape(-1)
-        if idx.size and (idx.min() < -n or idx.max() >= n):
-            raise IndexError(f"row indices out of range for {n} rows")
-        uniq, inverse = np.unique(idx % max(n, 1), return_inverse=True)
-        colsel = _col_selection(cols)
-        out = np.empty((len(uniq), _ncols(colsel, self.shape[1])), dtype=self.dtype)
-        for arr, off, cnt in zip(self._arrays, self._offsets, self._counts, strict=False):
-            lo, hi = np.searchsorted(uniq, [off, off + cnt])
-            if hi > lo:
-                local = uniq[lo:hi] - off
-                contiguous = local[-1] - local[0] + 1 == len(local)
-                sel = slice(int(local[0]), int(local[-1]) + 1) if contiguous else local
-                out[lo:hi] = arr.get_orthogonal_selection((sel, colsel))
-        return out[inverse.reshape(-1)]
-
-    def _read_range(self, start: int, stop: int, colsel: slice | np.ndarray) -> np.ndarray:
-        out = np.empty((stop - start, _ncols(colsel, self.shape[1])), dtype=self.dtype)
-        for arr, off, cnt in zip(self._arrays, self._offsets, self._counts, strict=False):
-            a, b = max(start, off), min(stop, off + cnt)
-            if b > a:
-                out[a - start : b - start] = arr.get_orthogonal_selection(
-                    (slice(int(a - off), int(b - off)), colsel)
-                )
-        return out
-
-
-def _col_selection(cols: np.ndarray | None) -> slice | np.ndarray:
-    """A slice when ``cols`` is one contiguous run (fast path), else the index array."""
-    if cols is None:
-        return slice(None)
-    if len(cols) and cols[-1] - cols[0] + 1 == len(cols) and np.all(np.diff(cols) == 1):
-        return slice(int(cols[0]), int(cols[-1]) + 1)
-    return cols
-
-
-def _ncols(colsel: slice | np.ndarray, dim: int) -> int:
-    return len(range(dim)[colsel]) if isinstance(colsel, slice) else len(colsel)
-
-
-class GradientStore:
-    """Read a gradient store: lazy rows over all ranks, per-row ids, module selection.
-
-    Example:
-        >>> store = GradientStore.open("/tmp/run.zarr")
-        >>> for start, chunk in store.iter_chunks(modules=["fc*"]):
-        ...     print(start, chunk.shape)
-        0 torch.Size([5, 12])
-    """
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self.attrs: dict[str, Any] = _open_root_attrs(self.path)
-        self.modules = [ModuleBlock.from_json(m) for m in self.attrs["modules"]]
-        self.dim, self.dtype = int(self.attrs["dim"]), np.dtype(self.attrs["dtype"])
-        self.complete = bool(self.attrs["complete"])
-        arrays, counts, columns = self._load_ranks(int(self.attrs["world_size"]))
-        if not self.complete:
-            warnings.warn(
-                f"gradient store {self.path} is incomplete (a writer did not close); "
-                f"only the {sum(counts)} committed rows are exposed.",
-                IncompleteStoreWarning,
-                stacklevel=3,
-            )
-        self.gradients = LazyRows(arrays, [c for c in counts if c], self.dim, self.dtype)
-        cat = {k: np.concatenate(v) if v else np.zeros(0, COLUMNS[k]) for k, v in columns.items()}
-        self.example_ids, self.steps, self.epochs = cat["example_id"], cat["step"], cat["epoch"]
-        self.losses, self.finite = cat["loss"], cat["finite"]
-        self.ranks = np.repeat(np.arange(len(counts), dtype=np.int32), counts)
-        self.num_rows = int(sum(counts))
-
-    def _load_ranks(self, world_size: int) -> tuple[list[zarr.Array], list[int], dict[str, list]]:
-        """Gradient arrays, committed row counts and per-row columns of every rank."""
-        arrays, counts, columns = [], [], {k: [] for k in COLUMNS}
-        for r in range(world_size):
-            n = int((_read_attrs(self.path / f"rank_{r}") or {}).get("committed_rows", 0))
-            counts.append(n)
-            if n == 0:
-                continue
-            group = zarr.open_group(str(self.path / f"rank_{r}"), mode="r")
-            arrays.append(group["gradients"])
-            if arrays[-1].shape[0] < n:
-                raise ValueError(f"{self.path}/rank_{r} claims {n} rows but holds fewer")
-            for k in COLUMNS:
-                columns[k].append(group[k][:n])  # type: ignore[index]
-        return arrays, counts, columns
-
-    @classmethod
-    def open(cls, path: str | Path) -> GradientStore:
-        """Open the store at ``path`` (warns with IncompleteStoreWarning if not complete)."""
-        return cls(path)
-
-    def __len__(self) -> int:
-        return self.num_rows
-
-    def columns(self, modules: Sequence[str] | None = None) -> np.ndarray:
-        """Column indices (in store order) of blocks named, parented or globbed by ``modules``."""
-        if modules is None:
-            return np.arange(self.dim)
-        if isinstance(modules, str):
-            modules = [modules]
-        chosen: set[str] = set()
-        for pat in modules:
-            hit = {
-                b.name
-                for b in self.modules
-                if pat in (b.name, b.parent)
-                or fnmatch.fnmatchcase(b.name, pat)
-                or fnmatch.fnmatchcase(b.parent, pat)
-            }
-            if not hit:
-                names = sorted({b.parent for b in self.modules})
-                raise KeyError(
-                    f"no module block matches {pat!r}; available modules include "
-                    f"{names[:10]}{' ...' if len(names) > 10 else ''}"
-                )
-            chosen |= hit
-        blocks = [b for b in self.modules if b.name in chosen]
-        return np.concatenate([np.arange(b.offset, b.offset + b.size) for b in blocks])
-
-    def read(
-        self, rows: Any, modules: Sequence[str] | None = None, dtype: torch.dtype = torch.float32
-    ) -> torch.Tensor:
-        """Rows (int, slice, or int array; any order, duplicates ok) as a [n, D_sel] tensor."""
-        cols = None if modules is None else self.columns(modules)
-        data = self.gradients.take(rows, cols)
-        return torch.from_numpy(data.reshape(-1, data.shape[-1])).to(dtype)
-
-    def iter_chunks(
-        self,
-        chunk_rows: int | None = None,
-        modules: Sequence[str] | None = None,
-        dtype: torch.dtype = torch.float32,
-    ) -> Iterator[tuple[int, torch.Tensor]]:
-        """Yield ``(start_row, tensor [n, D_sel])`` over all rows in order."""
-        step = chunk_rows or int(self.attrs["chunk_rows"])
-        if step < 1:
-            raise ValueError(f"chunk_rows must be >= 1; got {step}")
-        cols = None if modules is None else self.columns(modules)
-        for start in range(0, self.num_rows, step):
-            data = self.gradients.take(slice(start, start + step), cols)
-            yield start, torch.from_numpy(data).to(dtype)
-
-    def subdir(self, name: str) -> Path:
-        """Path of an auxiliary directory (e.g. ``"normalizers"``), created on demand."""
-        if not name or "/" in name or name.startswith(("rank_", ".")) or name == "zarr.json":
-            raise ValueError(f"bad store subdirectory name {name!r}; try one of {_AUX_DIRS}")
-        out = self.path / name
-        out.mkdir(exist_ok=True)
-        return out

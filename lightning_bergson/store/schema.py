@@ -1,0 +1,163 @@
+"""Store schema: format constants, module blocks and root attributes (JSON only)."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+FORMAT = "lightning_bergson.gradient_store"
+SCHEMA_VERSION = 1
+DTYPES = ("float16", "float32")
+# Per-row columns stored next to `gradients`, with their on-disk dtype.
+COLUMNS = {
+    "example_id": "int64",
+    "step": "int64",
+    "epoch": "int32",
+    "loss": "float32",
+    "finite": "bool",
+}
+FIXED_KEYS = ("schema_version", "package_version", "format", "modules", "dim", "dtype")
+FIXED_KEYS += ("chunk_rows", "world_size", "complete")
+_AUX_DIRS = ("normalizers", "preconditioners")
+
+Rows = dict[str, np.ndarray]  # column name -> [n, ...] array, always including "gradients"
+
+
+class GradientStoreWriteError(RuntimeError):
+    """Writing rows to the store failed (disk full, permission denied, ...)."""
+
+
+class IncompleteStoreWarning(UserWarning):
+    """The store was opened before every rank closed it; only committed rows are exposed."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModuleBlock:
+    """A contiguous block of columns in a gradient row, owned by one module (or one head).
+
+    Example:
+        >>> ModuleBlock("attn.head_1", offset=16, size=16, shape=(4, 4), parent="attn", head=1)
+        ModuleBlock(name='attn.head_1', offset=16, size=16, shape=(4, 4), parent='attn', head=1)
+    """
+
+    name: str
+    offset: int
+    size: int
+    shape: tuple[int, ...]
+    parent: str
+    head: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the block as a JSON-able dict (the store's ``modules`` entries)."""
+        return {**dataclasses.asdict(self), "shape": list(self.shape)}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> ModuleBlock:
+        """Inverse of :meth:`to_json`."""
+        return cls(**{**d, "shape": tuple(d["shape"])})
+
+
+def layout_blocks(blocks: list[tuple[str, tuple[int, ...], str, int | None]]) -> list[ModuleBlock]:
+    """Assign contiguous column offsets to ``(name, shape, parent, head)`` in the given order."""
+    out, offset = [], 0
+    for name, shape, parent, head in blocks:
+        size = math.prod(shape)
+        out.append(ModuleBlock(name, offset, size, tuple(shape), parent, head))
+        offset += size
+    return out
+
+
+def _check_modules(modules: Sequence[ModuleBlock]) -> int:
+    """Validate that blocks tile ``[0, D)`` in order with unique names; return ``D``."""
+    if not modules:
+        raise ValueError("modules must list at least one ModuleBlock (see layout_blocks)")
+    offset, names = 0, set()
+    for b in modules:
+        if b.offset != offset or b.size != math.prod(b.shape) or b.name in names:
+            raise ValueError(
+                f"bad module block {b}: blocks need unique names, size == prod(shape)"
+                f" and contiguous offsets (expected offset {offset}); use layout_blocks"
+            )
+        offset, names = offset + b.size, names | {b.name}
+    return offset
+
+
+def _read_attrs(node: Path) -> dict[str, Any] | None:
+    """Attributes of the Zarr node at ``node`` read straight from its zarr.json, or None."""
+    meta = node / "zarr.json"
+    if not meta.is_file():
+        return None
+    with meta.open() as f:
+        return json.load(f).get("attributes", {})
+
+
+def _package_version() -> str:
+    try:
+        return importlib.metadata.version("lightning-bergson")
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def _foreign_entries(path: Path) -> list[str]:
+    """Entries of ``path`` showing it is not a (partly written) gradient store; [] if it is."""
+    if not path.is_dir():
+        return [path.name]
+    attrs = _read_attrs(path)
+    if attrs is not None:
+        return [] if attrs.get("format") == FORMAT else ["zarr.json (not a gradient store)"]
+    return sorted(p.name for p in path.iterdir() if not p.name.startswith("rank_"))
+
+
+def _open_root_attrs(path: Path) -> dict[str, Any]:
+    """Root attributes of the store at ``path``, with errors that say what is wrong."""
+    if not path.exists():
+        raise FileNotFoundError(f"No gradient store at {path}: the path does not exist.")
+    attrs = _read_attrs(path) if path.is_dir() else None
+    if attrs is None or attrs.get("format") != FORMAT:
+        raise ValueError(
+            f"{path} is not a lightning_bergson gradient store "
+            f"(its zarr.json has no attribute format={FORMAT!r})."
+        )
+    if int(attrs.get("schema_version", 0)) > SCHEMA_VERSION:
+        raise ValueError(
+            f"{path} uses store schema_version {attrs['schema_version']}, newer than"
+            f" {SCHEMA_VERSION} supported here; upgrade lightning-bergson."
+        )
+    return attrs
+
+
+def _root_attrs(
+    modules: Sequence[ModuleBlock],
+    dim: int,
+    dtype: str,
+    chunk_rows: int,
+    world_size: int,
+    metadata: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """Root attributes: the fixed keys plus the caller's JSON metadata merged at top level."""
+    extra = dict(metadata or {})
+    if clash := sorted(set(extra) & set(FIXED_KEYS)):
+        raise ValueError(f"metadata keys {clash} collide with reserved store keys {FIXED_KEYS}")
+    try:
+        json.dumps(extra)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"metadata must be JSON-serializable: {err}") from err
+    fixed = {
+        "schema_version": SCHEMA_VERSION,
+        "package_version": _package_version(),
+        "format": FORMAT,
+        "modules": [b.to_json() for b in modules],
+        "dim": dim,
+        "dtype": dtype,
+        "chunk_rows": chunk_rows,
+        "world_size": world_size,
+        "complete": False,
+    }
+    return {**fixed, **extra}
