@@ -125,6 +125,11 @@ class CausalLMModule(L.LightningModule):
         super().__init__()
         if optimizer not in ("adamw", "adafactor"):
             raise ValueError(f"optimizer={optimizer!r} is not one of 'adamw', 'adafactor'")
+        if model is None and config is None:
+            raise ValueError(
+                "CausalLMModule needs `model` (a Hugging Face name, a local directory or an "
+                "nn.Module) or `config` (e.g. {'model_type': 'gpt_neox', 'hidden_size': 64})"
+            )
         self.save_hyperparameters(ignore=["model"] if isinstance(model, nn.Module) else None)
         self.model: nn.Module | None = None
         if model is not None or vocab_size is not None or "vocab_size" in dict(config or {}):
@@ -168,7 +173,8 @@ class CausalLMModule(L.LightningModule):
     @override
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
         loss, example_loss = self._losses(batch)
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        if self._trainer is not None:  # also usable as a plain function in tests and notebooks
+            self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return {"loss": loss, "example_loss": example_loss.detach()}
 
     @override

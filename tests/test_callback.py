@@ -292,3 +292,36 @@ def test_nan_gradients_are_flagged_not_hidden(tmp_path):
     assert store.finite.tolist() == [True, False, True, True]
     assert torch.isnan(got[101]).any()
     assert_rows_match({i: got[i] for i in (100, 102, 103)}, {i: want[i] for i in (100, 102, 103)})
+
+
+def test_fixed_normalizers_from_a_file(tmp_path):
+    from lightning_bergson.capture import AdafactorNormalizer
+    from lightning_bergson.capture.normalizers import save_normalizers
+
+    net = tiny_gpt_neox()
+    data = lm_batch(num=6, seq=8)
+    gen = torch.Generator().manual_seed(3)
+    norms = {}
+    for name in MODULES:
+        mod = net.get_submodule(name)
+        norms[name] = AdafactorNormalizer(
+            torch.rand(mod.out_features, generator=gen) + 0.5,
+            torch.rand(mod.in_features, generator=gen) + 0.5,
+        )
+    save_normalizers(tmp_path / "norms.safetensors", norms)
+    grads = oracle_lm_grads(copy.deepcopy(net), data, "sum")
+    parts = [norms[m].normalize(module_grad(grads, m)).flatten(1) for m in MODULES]
+    full = torch.cat(parts, dim=1)
+    want = {int(i): full[k] for k, i in enumerate(data["example_id"])}
+    cb = GradientCaptureCallback(
+        tmp_path / "g.zarr",
+        projection_dim=0,
+        include=MODULES,
+        normalizer="adafactor",
+        normalizer_source="file",
+        normalizer_path=str(tmp_path / "norms.safetensors"),
+        dtype="float32",
+    )
+    fit(CausalLMModule(net, lr=0.0), data, cb, batch_size=3)
+    _, got = stored_by_id(tmp_path / "g.zarr")
+    assert_rows_match(got, want)

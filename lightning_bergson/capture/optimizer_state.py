@@ -32,6 +32,12 @@ def _transposed(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D"
 
 
+def _moment(x: Tensor) -> Tensor:
+    """A detached copy of optimizer state at float32 precision or better."""
+    x = x.detach()
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x.clone()
+
+
 def _param_group(optimizer: torch.optim.Optimizer, param: Tensor) -> dict:
     for group in optimizer.param_groups:
         if any(p is param for p in group["params"]):
@@ -47,12 +53,12 @@ def _weight_moment(
     if "exp_avg_sq" in state:
         v = state["max_exp_avg_sq"] if group.get("amsgrad") else state["exp_avg_sq"]
         step = float(state["step"])
-        v_hat = v.detach().float() / (1.0 - group["betas"][1] ** step)
+        v_hat = _moment(v) / (1.0 - group["betas"][1] ** step)
         return AdamNormalizer(v_hat.T if transposed else v_hat, eps=float(group["eps"]))
     for row_key, col_key in (("row_var", "col_var"), ("exp_avg_sq_row", "exp_avg_sq_col")):
         if row_key in state:
-            rows = state[row_key].detach().float().reshape(-1)  # over the param's dim -2
-            cols = state[col_key].detach().float().reshape(-1)  # over the param's dim -1
+            rows = _moment(state[row_key]).reshape(-1)  # over the param's dim -2
+            cols = _moment(state[col_key]).reshape(-1)  # over the param's dim -1
             eps1 = group["eps"][0] if isinstance(group["eps"], (tuple, list)) else None
             eps1 = torch.finfo(weight.dtype).eps if eps1 is None else float(eps1)
             r, c = (cols, rows) if transposed else (rows, cols)
@@ -69,10 +75,10 @@ def _bias_moment(optimizer: torch.optim.Optimizer, bias: Tensor) -> Tensor:
     group = _param_group(optimizer, bias)
     if "exp_avg_sq" in state and "betas" in group:
         v = state["max_exp_avg_sq"] if group.get("amsgrad") else state["exp_avg_sq"]
-        return v.detach().float() / (1.0 - group["betas"][1] ** float(state["step"]))
+        return _moment(v) / (1.0 - group["betas"][1] ** float(state["step"]))
     for key in ("variance", "exp_avg_sq"):
         if key in state:
-            return state[key].detach().float()
+            return _moment(state[key])
     raise ValueError(
         f"the optimizer keeps no second moment for a bias (state keys: {sorted(state)})"
     )
