@@ -16,10 +16,20 @@ from .corpus import BiographyCorpus, make_biographies
 from .data import TextDataModule
 from .models import CausalLMModule
 from .store import GradientStore, GradientStoreWriter
+from .strategy import (
+    BergsonDDPStrategy,
+    BergsonModelParallelStrategy,
+    BergsonSingleDeviceStrategy,
+    BergsonStrategyMixin,
+)
 
 __all__ = [
     "AdafactorNormalizer",
     "AdamNormalizer",
+    "BergsonDDPStrategy",
+    "BergsonModelParallelStrategy",
+    "BergsonSingleDeviceStrategy",
+    "BergsonStrategyMixin",
     "BiographyCorpus",
     "CausalLMModule",
     "GradientCaptureCallback",

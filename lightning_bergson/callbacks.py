@@ -148,6 +148,7 @@ class GradientCaptureCallback(Callback):
         self._rows: dict[str, Tensor] = {}
         self._deferred: list[tuple[_BatchInfo, list]] = []
         self._resume_rows: dict[int, int] | None = None
+        self._trainer: L.Trainer | None = None
 
     @property
     @override
@@ -179,23 +180,38 @@ class GradientCaptureCallback(Callback):
             self.collector.set_normalizers(self._file_normalizers())
         self.collector.__enter__()
         self.collector.enabled = False
-        blocks = [(b.name, b.shape, b.parent, b.head) for b in self.collector.blocks]
+        self._trainer = trainer
+        # Rank 0 creates (or replaces) the store first; the others then add their groups.
+        if trainer.global_rank == 0:
+            self.writer = self._open_writer(trainer, network)
+        trainer.strategy.barrier("GradientCaptureCallback.open_store")
+        if trainer.global_rank != 0:
+            self.writer = self._open_writer(trainer, network)
+
+    def _open_writer(self, trainer: L.Trainer, network: nn.Module) -> GradientStoreWriter:
+        assert self.collector is not None
         rank = trainer.global_rank
-        if self._resume_rows is not None and rank in self._resume_rows:
-            self.writer = GradientStoreWriter.reopen(
+        if self._resume_rows is not None:
+            if len(self._resume_rows) != trainer.world_size:
+                raise RuntimeError(
+                    f"the checkpoint's gradient store {self.path} was written by "
+                    f"{len(self._resume_rows)} ranks but this run has world size "
+                    f"{trainer.world_size}; resume with the same number of processes"
+                )
+            return GradientStoreWriter.reopen(
                 self.path, rank=rank, committed_rows=self._resume_rows[rank]
             )
-        else:
-            self.writer = GradientStoreWriter(
-                self.path,
-                modules=layout_blocks(blocks),
-                dtype=self.dtype,
-                rank=rank,
-                world_size=trainer.world_size,
-                chunk_rows=self.chunk_rows,
-                metadata=self._metadata(network),
-                overwrite=self.overwrite,
-            )
+        blocks = [(b.name, b.shape, b.parent, b.head) for b in self.collector.blocks]
+        return GradientStoreWriter(
+            self.path,
+            modules=layout_blocks(blocks),
+            dtype=self.dtype,
+            rank=rank,
+            world_size=trainer.world_size,
+            chunk_rows=self.chunk_rows,
+            metadata=self._metadata(network),
+            overwrite=self.overwrite,
+        )
 
     @override
     def on_train_batch_start(
@@ -243,7 +259,7 @@ class GradientCaptureCallback(Callback):
         if self.writer is not None:
             rows = self.writer.flush()
             self.writer.close(complete=True)
-            if self.deferred and trainer.is_global_zero and self.collector is not None:
+            if self.normalizer != "none" and trainer.is_global_zero and self.collector is not None:
                 out = self.path / "normalizers"
                 out.mkdir(parents=True, exist_ok=True)
                 save_normalizers(out / "normalizers.safetensors", self.collector.normalizers)
@@ -265,13 +281,21 @@ class GradientCaptureCallback(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        rows = self.writer.flush() if self.writer is not None else 0
-        rank = self.writer.rank if self.writer is not None else 0
-        return {"committed_rows": {str(rank): rows}, "path": str(self.path)}
+        """Rows each rank has committed; called on every rank when a checkpoint is saved."""
+        if self.writer is None:
+            return {}
+        rows = torch.tensor([self.writer.flush()], dtype=torch.int64)
+        trainer = self._trainer
+        if trainer is not None and trainer.world_size > 1:
+            rows = trainer.strategy.all_gather(rows).reshape(-1).cpu()
+        committed = {str(rank): int(n) for rank, n in enumerate(rows)}
+        return {"path": str(self.path), "committed_rows": committed}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._resume_rows = {int(k): int(v) for k, v in state_dict["committed_rows"].items()}
+        if state_dict:
+            rows = state_dict["committed_rows"]
+            self._resume_rows = {int(k): int(v) for k, v in rows.items()}
 
     # ------------------------------------------------------------------ helpers
 
@@ -378,6 +402,7 @@ class GradientCaptureCallback(Callback):
                 "kind": self.normalizer,
                 "source": self.normalizer_source,
                 "timing": "after_step" if self.deferred else "fixed",
+                **({"path": str(self.normalizer_path)} if self.normalizer_source == "file" else {}),
             },
             "capture": {
                 "include": self.include,

@@ -28,6 +28,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedToken
 from typing_extensions import override
 
 from lightning_bergson.corpus import BiographyCorpus, make_biographies
+from lightning_bergson.loader import EpochShuffleSampler
 
 __all__ = ["TextDataModule", "collate_batch", "tokenize_texts", "train_tokenizer"]
 
@@ -327,13 +328,16 @@ class TextDataModule(pl.LightningDataModule):
 
     @override
     def train_dataloader(self) -> DataLoader:
-        """Batches in the contract; shuffling is seeded by ``seed``."""
-        generator = torch.Generator().manual_seed(self.seed) if self.shuffle else None
+        """Batches in the contract; epoch ``e`` is a permutation seeded by ``(seed, e)``.
+
+        The order depends only on the epoch (Lightning calls ``set_epoch``), so a run resumed
+        from a checkpoint sees the same examples in the same order as an uninterrupted one.
+        """
+        sampler = EpochShuffleSampler(len(self.train_dataset), seed=self.seed, shuffle=self.shuffle)
         return DataLoader(
             self.train_dataset,  # type: ignore[arg-type]
             batch_size=self.batch_size,
-            shuffle=self.shuffle,
-            generator=generator,
+            sampler=sampler,
             collate_fn=partial(collate_batch, pad_token_id=self.pad_token_id),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,

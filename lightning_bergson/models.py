@@ -72,6 +72,19 @@ def _build_network(
         return AutoModelForCausalLM.from_config(cfg, attn_implementation=attn_implementation)
 
 
+def _fully_shard(model: nn.Module, mesh: Any) -> None:
+    """FSDP2: shard each transformer block, then the root (data-parallel mesh dimension)."""
+    from torch.distributed.fsdp import fully_shard
+
+    dp_mesh = mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
+    blocks = [
+        m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) and m is not model
+    ]
+    for layer in blocks[0] if blocks else []:
+        fully_shard(layer, mesh=dp_mesh)
+    fully_shard(model, mesh=dp_mesh)
+
+
 class CausalLMModule(L.LightningModule):
     """Train a causal LM with AdamW (or Adafactor) on batches of ``input_ids``/``labels``.
 
@@ -138,9 +151,14 @@ class CausalLMModule(L.LightningModule):
 
     @override
     def configure_model(self) -> None:
-        """Build the network once the data module's vocabulary is known."""
-        if self.model is not None:
-            return
+        """Build the network once the data module's vocabulary is known; shard it under FSDP2."""
+        if self.model is None:
+            self._build_from_datamodule()
+        if self._device_mesh is not None and not getattr(self, "_sharded", False):
+            _fully_shard(self.model, self._device_mesh)
+            self._sharded = True
+
+    def _build_from_datamodule(self) -> None:
         vocab_size = getattr(self.trainer.datamodule, "vocab_size", None)
         if vocab_size is None:
             raise ValueError(

@@ -83,6 +83,17 @@ def test_every_example_once_per_epoch_and_seeded_shuffle(cache_dir: str) -> None
     assert plain.tolist() == list(range(n))
 
 
+def test_epoch_order_depends_only_on_the_epoch(cache_dir: str) -> None:
+    """What exact resume needs: Lightning's set_epoch(e) reproduces epoch e's order."""
+    loader = _bios(cache_dir).train_dataloader()
+    orders = []
+    for epoch in (0, 1, 0):
+        loader.sampler.set_epoch(epoch)
+        orders.append(torch.cat([b["example_id"] for b in loader]).tolist())
+    assert orders[0] == orders[2] != orders[1]
+    assert sorted(orders[1]) == sorted(orders[0])
+
+
 def test_truncation_and_no_eos(cache_dir: str) -> None:
     dm = _bios(cache_dir, max_length=5, append_eos=False)
     lengths = [len(ids) for ids in dm.train_dataset["input_ids"]]

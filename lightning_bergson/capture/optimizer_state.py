@@ -33,7 +33,14 @@ def _transposed(module: nn.Module) -> bool:
 
 
 def _moment(x: Tensor) -> Tensor:
-    """A detached copy of optimizer state at float32 precision or better."""
+    """A detached, unsharded copy of optimizer state at float32 precision or better.
+
+    FSDP2 keeps state as a sharded ``DTensor``; ``full_tensor()`` all-gathers it, a
+    collective that every rank reaches at the same point (the callback reads the state
+    after every optimizer step on all ranks, modules in the same order).
+    """
+    if hasattr(x, "full_tensor"):
+        x = x.full_tensor()
     x = x.detach()
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x.clone()
 

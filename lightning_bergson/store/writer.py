@@ -229,7 +229,7 @@ class GradientStoreWriter:
     ) -> GradientStoreWriter:
         """Append to an existing store after a resume, dropping rank rows ``>= committed_rows``.
 
-        The rank and the root are marked incomplete again until :meth:`close`.
+        The rank (and, from rank 0, the root) is marked incomplete again until :meth:`close`.
         """
         attrs = _open_root_attrs(Path(path))
         modules = [ModuleBlock.from_json(m) for m in attrs["modules"]]
@@ -237,7 +237,8 @@ class GradientStoreWriter:
         ws, chunk_rows = attrs["world_size"], attrs["chunk_rows"]
         self._setup(path, modules, attrs["dtype"], rank, ws, chunk_rows, max_pending_chunks)
         self._open_rank_group(committed_rows)
-        zarr.open_group(str(self.path), mode="r+").attrs.update({"complete": False})
+        if rank == 0:
+            zarr.open_group(str(self.path), mode="r+").attrs.update({"complete": False})
         self._start(background)
         self.truncate(committed_rows)
         return self

@@ -1,0 +1,129 @@
+"""One capture fit, run as a script so Lightning can launch DDP/FSDP2 ranks and so a test
+can SIGKILL it. Used by tests/test_distributed.py and tests/test_resume.py.
+
+    python tests/scripts/capture_run.py --out DIR [--devices 2 --strategy bergson_ddp] ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from pathlib import Path
+
+import lightning.pytorch as L
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from oracles import lm_batch, tiny_gpt_neox  # noqa: E402
+
+from lightning_bergson import CausalLMModule, GradientCaptureCallback  # noqa: E402
+
+
+class Rows(Dataset):
+    """Rows of a padded batch dict; ``with_ids=False`` drops ``example_id`` (the strategy adds it)."""
+
+    def __init__(self, batch: dict[str, torch.Tensor], with_ids: bool) -> None:
+        self.batch = {k: v for k, v in batch.items() if with_ids or k != "example_id"}
+
+    def __len__(self) -> int:
+        return len(self.batch["input_ids"])
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {k: v[i] for k, v in self.batch.items()}
+
+
+class Killer(Callback):
+    """SIGKILL this process at a given global batch, after its backward or at its end."""
+
+    def __init__(self, batch: int, when: str) -> None:
+        self.batch, self.when, self.seen = batch, when, -1
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.seen += 1
+
+    def on_after_backward(self, trainer, pl_module):
+        if self.when == "backward" and self.seen == self.batch:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.when == "end" and self.seen == self.batch:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", required=True)
+    p.add_argument("--strategy", default="auto")
+    p.add_argument("--devices", type=int, default=1)
+    p.add_argument("--accelerator", default="cpu")
+    p.add_argument("--num", type=int, default=16)
+    p.add_argument("--seq", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--accumulate", type=int, default=1)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--precision", default="32-true")
+    p.add_argument("--normalizer", default="adafactor")
+    p.add_argument("--projection-dim", type=int, default=4)
+    p.add_argument("--no-ids", action="store_true", help="dataset without example_id column")
+    p.add_argument("--ckpt-every", type=int, default=0)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--kill-batch", type=int, default=-1)
+    p.add_argument("--kill-when", default="end")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse(argv)
+    out = Path(args.out)
+    data = lm_batch(num=args.num, seq=args.seq, seed=1)
+    data["attention_mask"].fill_(1)  # equal lengths: DDP's mean of means == the global mean
+    data["labels"] = data["input_ids"].clone()
+    rows = Rows(data, not args.no_ids)
+    if args.devices > 1:  # Lightning swaps in DistributedSampler(shuffle=True, seed=0)
+        loader = DataLoader(rows, batch_size=args.batch_size)
+    else:  # the same epoch permutation, so the global batches match a multi-process run
+        sampler = DistributedSampler(rows, num_replicas=1, rank=0, shuffle=True, seed=0)
+        loader = DataLoader(rows, batch_size=args.batch_size, sampler=sampler)
+    callbacks: list[Callback] = [
+        GradientCaptureCallback(
+            out / "grads.zarr",
+            projection_dim=args.projection_dim,
+            normalizer=args.normalizer,
+            dtype="float32",
+            overwrite=not args.resume,
+        )
+    ]
+    if args.ckpt_every:
+        callbacks.append(
+            ModelCheckpoint(out / "ckpt", every_n_train_steps=args.ckpt_every, save_last=True,
+                            save_top_k=-1)
+        )
+    if args.kill_batch >= 0:
+        callbacks.append(Killer(args.kill_batch, args.kill_when))
+    trainer = L.Trainer(
+        accelerator=args.accelerator,
+        devices=args.devices,
+        strategy=args.strategy,
+        precision=args.precision,
+        max_epochs=args.epochs,
+        accumulate_grad_batches=args.accumulate,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=bool(args.ckpt_every),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=True,
+    )
+    net = tiny_gpt_neox()
+    module = CausalLMModule(net, lr=args.lr, weight_decay=0.0)
+    ckpt = str(out / "ckpt" / "last.ckpt") if args.resume else None
+    trainer.fit(module, loader, ckpt_path=ckpt)
+
+
+if __name__ == "__main__":
+    main()

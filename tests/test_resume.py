@@ -1,0 +1,112 @@
+"""Crashes and faults: SIGKILL + resume gives the uninterrupted store; disk errors are loud."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import lightning.pytorch as L
+import numpy as np
+import pytest
+import torch
+from oracles import lm_batch, tiny_gpt_neox
+from test_callback import Rows
+
+import lightning_bergson.store.writer as writer_mod
+from lightning_bergson import CausalLMModule, GradientCaptureCallback, GradientStore
+from lightning_bergson.store import GradientStoreWriteError, IncompleteStoreWarning
+
+SCRIPT = Path(__file__).parent / "scripts" / "capture_run.py"
+# 16 examples, micro-batches of 2, 2 per optimizer step: 4 steps per epoch, 2 epochs.
+ARGS = ["--num", "16", "--batch-size", "2", "--accumulate", "2", "--epochs", "2",
+        "--strategy", "bergson"]
+
+
+def script(out: Path, *extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), "--out", str(out), *ARGS, *extra],
+        capture_output=True, text=True, timeout=300, env=env,
+    )
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> GradientStore:
+    out = tmp_path_factory.mktemp("full")
+    assert script(out).returncode == 0
+    return GradientStore.open(out / "grads.zarr")
+
+
+@pytest.mark.parametrize(
+    ("kill_batch", "when", "ckpt_every"),
+    [
+        (6, "end", 1),  # mid-epoch, mid accumulation window, rows waiting for their step
+        (11, "backward", 2),  # inside a backward pass of epoch 1; last checkpoint at epoch end
+    ],
+)
+def test_sigkill_then_resume_equals_uninterrupted(tmp_path, uninterrupted, kill_batch, when,
+                                                  ckpt_every):
+    killed = script(tmp_path, "--ckpt-every", str(ckpt_every), "--kill-batch", str(kill_batch),
+                    "--kill-when", when)
+    assert killed.returncode == -signal.SIGKILL
+    with pytest.warns(IncompleteStoreWarning):
+        partial = GradientStore.open(tmp_path / "grads.zarr")
+    assert not partial.complete and len(partial) < len(uninterrupted)
+
+    resumed = script(tmp_path, "--ckpt-every", str(ckpt_every), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    store = GradientStore.open(tmp_path / "grads.zarr")
+    assert store.complete
+    for column in ("example_ids", "steps", "epochs", "losses", "finite"):
+        np.testing.assert_array_equal(getattr(store, column), getattr(uninterrupted, column))
+    torch.testing.assert_close(store.read(slice(None)), uninterrupted.read(slice(None)),
+                               rtol=1e-6, atol=1e-9)
+
+
+def _fit(tmp_path: Path, callback: GradientCaptureCallback, steps: int = 4) -> None:
+    data = lm_batch(num=8, seq=6)
+    loader = torch.utils.data.DataLoader(Rows(data), batch_size=2)
+    trainer = L.Trainer(accelerator="cpu", max_steps=steps, callbacks=[callback], logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    trainer.fit(CausalLMModule(tiny_gpt_neox(), lr=0.0), loader)
+
+
+def test_full_disk_fails_the_fit_and_keeps_committed_rows(tmp_path, monkeypatch):
+    real, calls = writer_mod._write_block, []
+
+    def fail_on_third_chunk(arrays, start, rows):
+        calls.append(start)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(arrays, start, rows)
+
+    monkeypatch.setattr(writer_mod, "_write_block", fail_on_third_chunk)
+    cb = GradientCaptureCallback(tmp_path / "g.zarr", projection_dim=2, chunk_rows=2)
+    with pytest.raises(GradientStoreWriteError, match=r"No space left.*Free disk space"):
+        _fit(tmp_path, cb)
+    with pytest.warns(IncompleteStoreWarning):
+        store = GradientStore.open(tmp_path / "g.zarr")
+    assert len(store) == 4  # the two chunks written before the failure, no hole, no garbage
+    assert store.example_ids.tolist() == [100, 101, 102, 103]
+
+
+def test_unwritable_path_fails_before_training(tmp_path):
+    (tmp_path / "file").write_text("not a directory")
+    cb = GradientCaptureCallback(tmp_path / "file" / "g.zarr", projection_dim=2)
+    with pytest.raises(GradientStoreWriteError, match="Choose a writable path"):
+        _fit(tmp_path, cb)
+
+
+def test_resume_with_another_world_size_is_refused(tmp_path):
+    cb = GradientCaptureCallback(tmp_path / "g.zarr", projection_dim=2)
+    cb.load_state_dict({"path": str(tmp_path / "g.zarr"), "committed_rows": {"0": 4, "1": 4}})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(RuntimeError, match="written by 2 ranks but this run has world size 1"):
+            _fit(tmp_path, cb)
