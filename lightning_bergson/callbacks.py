@@ -198,6 +198,7 @@ class GradientCaptureCallback(Callback):
                     f"{len(self._resume_rows)} ranks but this run has world size "
                     f"{trainer.world_size}; resume with the same number of processes"
                 )
+            self._check_resumable(network)
             return GradientStoreWriter.reopen(
                 self.path, rank=rank, committed_rows=self._resume_rows[rank]
             )
@@ -415,6 +416,24 @@ class GradientCaptureCallback(Callback):
             },
             "loss_reduction": self.loss_reduction,
         }
+
+    def _check_resumable(self, network: nn.Module) -> None:
+        """Refuse to append to a store whose model or capture settings differ from this run's."""
+        from .store.schema import _open_root_attrs
+
+        stored = _open_root_attrs(self.path)
+        mine = self._metadata(network)
+        mine["modules"] = [b.name for b in self.collector.blocks]  # type: ignore[union-attr]
+        stored = {**stored, "modules": [m["name"] for m in stored["modules"]]}
+        stored["model"] = {k: v for k, v in stored["model"].items() if k != "config"}
+        mine["model"] = {k: v for k, v in mine["model"].items() if k != "config"}
+        for key, value in mine.items():
+            if stored.get(key) != value:
+                raise ValueError(
+                    f"cannot resume capture into {self.path}: its {key!r} is {stored.get(key)!r} "
+                    f"but this run's is {value!r}; resume with the settings the store was "
+                    "written with, or start a new store"
+                )
 
     def _report(self, trainer: L.Trainer, rows: int) -> None:
         if trainer.is_global_zero:

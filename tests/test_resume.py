@@ -23,15 +23,28 @@ from lightning_bergson.store import GradientStoreWriteError, IncompleteStoreWarn
 
 SCRIPT = Path(__file__).parent / "scripts" / "capture_run.py"
 # 16 examples, micro-batches of 2, 2 per optimizer step: 4 steps per epoch, 2 epochs.
-ARGS = ["--num", "16", "--batch-size", "2", "--accumulate", "2", "--epochs", "2",
-        "--strategy", "bergson"]
+ARGS = [
+    "--num",
+    "16",
+    "--batch-size",
+    "2",
+    "--accumulate",
+    "2",
+    "--epochs",
+    "2",
+    "--strategy",
+    "bergson",
+]
 
 
 def script(out: Path, *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     return subprocess.run(
         [sys.executable, str(SCRIPT), "--out", str(out), *ARGS, *extra],
-        capture_output=True, text=True, timeout=300, env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
     )
 
 
@@ -49,10 +62,18 @@ def uninterrupted(tmp_path_factory) -> GradientStore:
         (11, "backward", 2),  # inside a backward pass of epoch 1; last checkpoint at epoch end
     ],
 )
-def test_sigkill_then_resume_equals_uninterrupted(tmp_path, uninterrupted, kill_batch, when,
-                                                  ckpt_every):
-    killed = script(tmp_path, "--ckpt-every", str(ckpt_every), "--kill-batch", str(kill_batch),
-                    "--kill-when", when)
+def test_sigkill_then_resume_equals_uninterrupted(
+    tmp_path, uninterrupted, kill_batch, when, ckpt_every
+):
+    killed = script(
+        tmp_path,
+        "--ckpt-every",
+        str(ckpt_every),
+        "--kill-batch",
+        str(kill_batch),
+        "--kill-when",
+        when,
+    )
     assert killed.returncode == -signal.SIGKILL
     with pytest.warns(IncompleteStoreWarning):
         partial = GradientStore.open(tmp_path / "grads.zarr")
@@ -64,16 +85,23 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, uninterrupted, kill_
     assert store.complete
     for column in ("example_ids", "steps", "epochs", "losses", "finite"):
         np.testing.assert_array_equal(getattr(store, column), getattr(uninterrupted, column))
-    torch.testing.assert_close(store.read(slice(None)), uninterrupted.read(slice(None)),
-                               rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(
+        store.read(slice(None)), uninterrupted.read(slice(None)), rtol=1e-6, atol=1e-9
+    )
 
 
 def _fit(tmp_path: Path, callback: GradientCaptureCallback, steps: int = 4) -> None:
     data = lm_batch(num=8, seq=6)
     loader = torch.utils.data.DataLoader(Rows(data), batch_size=2)
-    trainer = L.Trainer(accelerator="cpu", max_steps=steps, callbacks=[callback], logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        callbacks=[callback],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(CausalLMModule(tiny_gpt_neox(), lr=0.0), loader)
 
 
@@ -110,3 +138,13 @@ def test_resume_with_another_world_size_is_refused(tmp_path):
         warnings.simplefilter("ignore")
         with pytest.raises(RuntimeError, match="written by 2 ranks but this run has world size 1"):
             _fit(tmp_path, cb)
+
+
+def test_resume_with_other_capture_settings_is_refused(tmp_path):
+    _fit(tmp_path, GradientCaptureCallback(tmp_path / "g.zarr", projection_dim=2))
+    cb = GradientCaptureCallback(tmp_path / "g.zarr", projection_dim=4)
+    cb.load_state_dict({"path": str(tmp_path / "g.zarr"), "committed_rows": {"0": 4}})
+    mismatch = r"its 'projection' is \{'dim': 2.*this run's is \{'dim': 4"
+    with pytest.raises(ValueError, match=mismatch):
+        _fit(tmp_path, cb)
+    assert len(GradientStore.open(tmp_path / "g.zarr")) == 8  # untouched
