@@ -32,25 +32,43 @@ def worker(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // args.devices))
     n = args.batch_size * args.steps
-    ids = torch.randint(1, args.vocab, (n, args.seq_len), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(
+        1, args.vocab, (n, args.seq_len), generator=torch.Generator().manual_seed(0)
+    )
     rows = [{"input_ids": ids[i].tolist(), "example_id": i} for i in range(n)]
     per_rank = args.batch_size // args.devices
     loader = torch.utils.data.DataLoader(
         rows, batch_size=per_rank, collate_fn=lambda b: collate_batch(b, pad_token_id=0)
     )
     config = {
-        "model_type": "gpt_neox", "vocab_size": args.vocab, "hidden_size": args.hidden,
-        "num_hidden_layers": args.layers, "num_attention_heads": 4,
-        "intermediate_size": 4 * args.hidden, "max_position_embeddings": args.seq_len,
+        "model_type": "gpt_neox",
+        "vocab_size": args.vocab,
+        "hidden_size": args.hidden,
+        "num_hidden_layers": args.layers,
+        "num_attention_heads": 4,
+        "intermediate_size": 4 * args.hidden,
+        "max_position_embeddings": args.seq_len,
     }
     callbacks = []
     if args.capture:
-        callbacks.append(GradientCaptureCallback(Path(args.out) / "grads.zarr", projection_dim=16,
-                                                 normalizer="adafactor", overwrite=True))
+        callbacks.append(
+            GradientCaptureCallback(
+                Path(args.out) / "grads.zarr",
+                projection_dim=16,
+                normalizer="adafactor",
+                overwrite=True,
+            )
+        )
     trainer = L.Trainer(
-        accelerator="cpu", devices=args.devices, strategy="ddp" if args.devices > 1 else "auto",
-        max_epochs=1, callbacks=callbacks, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False,
+        accelerator="cpu",
+        devices=args.devices,
+        strategy="ddp" if args.devices > 1 else "auto",
+        max_epochs=1,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
     )
     module = CausalLMModule(config=config, lr=1e-3, seed=0)
     start = time.perf_counter()
@@ -72,7 +90,9 @@ def launch(args: argparse.Namespace, devices: int, capture: bool, out: Path) -> 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=4096)
@@ -94,8 +114,10 @@ def main() -> None:
         for devices in (1, 2):
             results[devices][0].append(launch(args, devices, False, out))
             results[devices][1].append(launch(args, devices, True, out))
-    print(f"GPT-NeoX hidden={args.hidden} layers={args.layers} seq={args.seq_len} global batch="
-          f"{args.batch_size} steps={args.steps}; capture: projection 16, Adafactor from optimizer")
+    print(
+        f"GPT-NeoX hidden={args.hidden} layers={args.layers} seq={args.seq_len} global batch="
+        f"{args.batch_size} steps={args.steps}; capture: projection 16, Adafactor from optimizer"
+    )
     for devices, (plain, capture) in results.items():
         p, c = statistics.median(plain), statistics.median(capture)
         label = "1 process    " if devices == 1 else "2 DDP (gloo) "

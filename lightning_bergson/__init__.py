@@ -14,6 +14,7 @@ from .capture import (
 )
 from .corpus import BiographyCorpus, make_biographies
 from .data import TextDataModule
+from .ekfac import EkfacModule
 from .models import CausalLMModule
 from .store import GradientStore, GradientStoreWriter
 from .strategy import (
@@ -32,6 +33,7 @@ __all__ = [
     "BergsonStrategyMixin",
     "BiographyCorpus",
     "CausalLMModule",
+    "EkfacModule",
     "GradientCaptureCallback",
     "GradientCollector",
     "GradientStore",

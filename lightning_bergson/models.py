@@ -5,6 +5,7 @@ Run: ``python -m lightning_bergson fit --config configs/quickstart.yaml``
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 import lightning.pytorch as L
@@ -70,6 +71,11 @@ def _build_network(
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         return AutoModelForCausalLM.from_config(cfg, attn_implementation=attn_implementation)
+
+
+def _config_dict(config: Any) -> dict[str, Any]:
+    """A Hugging Face config as plain JSON types, ``model_type`` included."""
+    return {"model_type": config.model_type, **json.loads(config.to_json_string(use_diff=True))}
 
 
 def _fully_shard(model: nn.Module, mesh: Any) -> None:
@@ -143,11 +149,18 @@ class CausalLMModule(L.LightningModule):
                 "CausalLMModule needs `model` (a Hugging Face name, a local directory or an "
                 "nn.Module) or `config` (e.g. {'model_type': 'gpt_neox', 'hidden_size': 64})"
             )
-        self.save_hyperparameters(ignore=["model"] if isinstance(model, nn.Module) else None)
+        if isinstance(model, nn.Module):
+            # Keep the network's config in the hyperparameters (not the weights object), so
+            # `load_from_checkpoint` rebuilds the same architecture and loads the weights.
+            self.save_hyperparameters(ignore=["model"])
+            if config is None and hasattr(model, "config"):
+                self.hparams.config = _config_dict(model.config)
+        else:
+            self.save_hyperparameters()
         self.model: nn.Module | None = None
         if model is not None or vocab_size is not None or "vocab_size" in dict(config or {}):
             self.model = _build_network(model, config, vocab_size, attn_implementation, seed)
-        self._source = model
+        self._source = model if isinstance(model, str) else None  # never a second module ref
 
     @override
     def configure_model(self) -> None:
