@@ -15,6 +15,7 @@ from .capture import (
 from .corpus import BiographyCorpus, make_biographies
 from .data import TextDataModule
 from .ekfac import EkfacModule
+from .magic import MagicModule
 from .models import CausalLMModule
 from .store import GradientStore, GradientStoreWriter
 from .strategy import (
@@ -39,6 +40,7 @@ __all__ = [
     "GradientStore",
     "GradientStoreWriter",
     "HeadConfig",
+    "MagicModule",
     "TextDataModule",
     "make_biographies",
     "normalizers_from_optimizer",

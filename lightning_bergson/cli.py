@@ -5,11 +5,16 @@ any LightningModule (``CausalLMModule`` by default), the data any LightningDataM
 (``TextDataModule`` over the embedded biography corpus by default), and callbacks
 such as ``GradientCaptureCallback`` are configured under ``trainer.callbacks``.
 ``--help`` and ``--print_config`` show every option.
+
+Other subcommands (``lds``, ...) are plain functions parsed by jsonargparse; they are listed
+in ``SUBCOMMANDS`` (name -> ``"module:function"``, called with the remaining arguments).
 """
 
 from __future__ import annotations
 
+import importlib
 import sys
+from typing import Any
 
 import lightning.pytorch as L
 from lightning.pytorch.cli import LightningCLI
@@ -17,27 +22,42 @@ from lightning.pytorch.cli import LightningCLI
 from .data import TextDataModule
 from .models import CausalLMModule
 
-__all__ = ["BergsonCLI", "main"]
+__all__ = ["SUBCOMMANDS", "BergsonCLI", "cli_kwargs", "main"]
+
+SUBCOMMANDS: dict[str, str] = {
+    "lds": "lightning_bergson.magic.lds:main",
+}
+"""Subcommands outside LightningCLI: name -> ``"module:function"`` taking the remaining argv."""
 
 
 class BergsonCLI(LightningCLI):
     """LightningCLI with the package's module and data module as defaults."""
 
 
-def main(args: list[str] | None = None) -> None:
-    """Entry point of ``python -m lightning_bergson`` and the ``lightning-bergson`` script."""
-    BergsonCLI(
-        model_class=L.LightningModule,
-        datamodule_class=L.LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        save_config_kwargs={"overwrite": True},
-        args=args if args is not None else sys.argv[1:],
-        parser_kwargs={
+def cli_kwargs(args: list[str]) -> dict[str, Any]:
+    """The ``BergsonCLI`` arguments of ``main`` (also used to rebuild a run, e.g. for LDS)."""
+    return {
+        "model_class": L.LightningModule,
+        "datamodule_class": L.LightningDataModule,
+        "subclass_mode_model": True,
+        "subclass_mode_data": True,
+        "save_config_kwargs": {"overwrite": True},
+        "args": args,
+        "parser_kwargs": {
             "default_env": False,
             "description": "Training-data attribution for PyTorch Lightning.",
         },
-    )
+    }
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of ``python -m lightning_bergson`` and the ``lightning-bergson`` script."""
+    args = list(sys.argv[1:] if args is None else args)
+    if args and args[0] in SUBCOMMANDS:
+        module, _, function = SUBCOMMANDS[args[0]].partition(":")
+        getattr(importlib.import_module(module), function)(args[1:])
+        return
+    BergsonCLI(**cli_kwargs(args))
 
 
 # Importing these registers them for class_path resolution by short name.

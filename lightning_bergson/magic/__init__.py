@@ -1,0 +1,28 @@
+"""MAGIC: exact metagradient attribution through checkpointed training (arXiv:2504.16430).
+
+:class:`MagicModule` trains a causal LM with a functional optimizer while keeping what the
+reverse pass needs, then :meth:`MagicModule.attribute` returns ``d L_query / d w`` for every
+training example (or token). :mod:`.lds` measures the linear datamodeling score of any score
+array by retraining on random subsets with the same module.
+"""
+
+from .functional import OptimizerConfig, checkpoint_steps, clip_by_global_norm, weighted_lm_loss
+from .module import MagicModule
+from .queries import query_batch
+from .reverse import ReverseState, metagradients
+from .step import FunctionalTrainer, TrainState
+from .trajectory import Trajectory
+
+__all__ = [
+    "FunctionalTrainer",
+    "MagicModule",
+    "OptimizerConfig",
+    "ReverseState",
+    "TrainState",
+    "Trajectory",
+    "checkpoint_steps",
+    "clip_by_global_norm",
+    "metagradients",
+    "query_batch",
+    "weighted_lm_loss",
+]

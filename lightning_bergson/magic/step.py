@@ -1,0 +1,206 @@
+"""One differentiable training step: ``state_{t+1} = step(state_t, batch_t, w)``.
+
+The forward training, the replays of the reverse pass and every retrain (finite differences,
+LDS) run this same step, built from the pure pieces of :mod:`.functional`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torchopt
+from torch import Tensor, nn
+from torch.func import functional_call
+from torchopt.pytree import tree_flatten, tree_unflatten
+
+from .functional import (
+    Granularity,
+    OptimizerConfig,
+    clip_by_global_norm,
+    example_losses,
+    make_optimizer,
+    weighted_lm_loss,
+)
+
+__all__ = ["FunctionalTrainer", "TrainState", "training_mode"]
+
+
+@dataclass
+class TrainState:
+    """The state of training before optimizer step ``step``.
+
+    Args:
+        params: Trainable parameters by name.
+        opt_state: torchopt optimizer state (a pytree of tensors).
+        rng: CPU RNG state (``torch.get_rng_state()``) the step starts from, so dropout
+            is replayed exactly.
+        step: Number of optimizer steps taken so far.
+    """
+
+    params: dict[str, Tensor]
+    opt_state: Any
+    rng: Tensor = field(default_factory=torch.get_rng_state)
+    step: int = 0
+
+    def opt_leaves(self) -> list[Tensor]:
+        """The optimizer state's tensors in pytree order."""
+        return list(tree_flatten(self.opt_state)[0])
+
+    def with_opt_leaves(self, leaves: list[Tensor]) -> Any:
+        """An optimizer state of the same structure holding ``leaves``."""
+        return tree_unflatten(tree_flatten(self.opt_state)[1], leaves)
+
+    def detached(self) -> TrainState:
+        """A copy whose tensors carry no autograd history."""
+        params = {k: v.detach() for k, v in self.params.items()}
+        opt = self.with_opt_leaves([t.detach() for t in self.opt_leaves()])
+        return TrainState(params, opt, self.rng, self.step)
+
+
+class FunctionalTrainer:
+    """One differentiable training step of a model: ``state_{t+1} = step(state_t, batch_t, w)``.
+
+    The same object runs the forward training, the replays of the reverse pass and the
+    retrains of finite differences and LDS, so all of them follow one code path.
+
+    Args:
+        model: The network, called with ``torch.func.functional_call`` on the state's
+            parameters (its own parameters are not read during steps).
+        optimizer: The optimizer configuration.
+        granularity: ``"example"`` or ``"token"`` weights.
+
+    Example:
+        >>> from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+        >>> net = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=7, hidden_size=8,
+        ...     num_hidden_layers=1, num_attention_heads=2, intermediate_size=16))
+        >>> trainer = FunctionalTrainer(net, OptimizerConfig("sgd", lr=0.1))
+        >>> state = trainer.init_state()
+        >>> ids = torch.tensor([[1, 2, 3]])
+        >>> batch = {"input_ids": ids, "labels": ids, "example_id": torch.tensor([0])}
+        >>> trainer.step(state, batch, torch.ones(1))[0].step
+        1
+    """
+
+    def __init__(
+        self, model: nn.Module, optimizer: OptimizerConfig, granularity: Granularity = "example"
+    ) -> None:
+        if granularity not in ("example", "token"):
+            raise ValueError(f"weight_granularity={granularity!r} is not one of 'example', 'token'")
+        self.model = model
+        self.config = optimizer
+        self.optimizer = make_optimizer(optimizer)
+        self.granularity: Granularity = granularity
+
+    def init_state(self, rng: Tensor | None = None) -> TrainState:
+        """State 0 from the model's current trainable parameters (detached copies)."""
+        params = {
+            n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad
+        }
+        rng = torch.get_rng_state() if rng is None else rng
+        return TrainState(params, self.optimizer.init(params), rng, 0)
+
+    def logits(self, params: Mapping[str, Tensor], batch: Mapping[str, Tensor]) -> Tensor:
+        """Logits ``[B, S, V]`` of ``batch`` under ``params``."""
+        kwargs: dict[str, Any] = {"input_ids": batch["input_ids"]}
+        if batch.get("attention_mask") is not None:
+            kwargs["attention_mask"] = batch["attention_mask"]
+        if _accepts_use_cache(self.model):
+            kwargs["use_cache"] = False
+        out = functional_call(self.model, dict(params), (), kwargs)
+        return out.logits if hasattr(out, "logits") else out
+
+    def query_losses(
+        self, params: Mapping[str, Tensor], batch: Mapping[str, Tensor], *, per_query: bool = True
+    ) -> Tensor:
+        """Query losses in eval mode: ``[Q]`` mean token losses, or ``[1]`` aggregate.
+
+        The aggregate loss is the mean over every supervised token of the batch.
+        """
+        with training_mode(self.model, False):
+            logits = self.logits(params, batch)  # (Q, S, V)
+        labels = _labels(batch)
+        return (
+            example_losses(logits, labels) if per_query else weighted_lm_loss(logits, labels)[None]
+        )
+
+    def step(
+        self,
+        state: TrainState,
+        batch: Mapping[str, Tensor],
+        weights: Tensor,
+        *,
+        trace: bool = False,
+    ) -> tuple[TrainState, Tensor]:
+        """One optimizer step on ``batch`` with data ``weights``.
+
+        Args:
+            state: The state before the step. With ``trace=True`` its tensors (and ``weights``)
+                are the leaves the caller differentiates with respect to.
+            batch: ``input_ids``, ``labels`` (and ``attention_mask``).
+            weights: ``[B]`` or ``[B, S]`` (see :func:`batch_weights`).
+            trace: Keep the autograd graph (double backward) instead of detaching.
+
+        Returns:
+            ``(state after the step, detached training loss)``.
+        """
+        names = list(state.params)
+        params = (
+            state.params
+            if trace
+            else {k: v.detach().requires_grad_() for k, v in state.params.items()}
+        )
+        with (
+            torch.enable_grad(),
+            torch.random.fork_rng(devices=[]),
+            training_mode(self.model, True),
+        ):
+            torch.set_rng_state(state.rng)
+            loss = weighted_lm_loss(self.logits(params, batch), _labels(batch), weights)
+            grads = torch.autograd.grad(
+                loss, [params[k] for k in names], create_graph=trace, allow_unused=True
+            )
+            rng = torch.get_rng_state()
+            grad_list = [
+                torch.zeros_like(params[k]) if g is None else g
+                for k, g in zip(names, grads, strict=True)
+            ]
+            if self.config.max_grad_norm is not None:
+                grad_list = clip_by_global_norm(grad_list, self.config.max_grad_norm)
+            updates, opt_state = self.optimizer.update(
+                dict(zip(names, grad_list, strict=True)),
+                state.opt_state,
+                params=params,
+                inplace=False,
+            )
+            new_params = torchopt.apply_updates(params, updates, inplace=False)
+        new = TrainState(dict(new_params), opt_state, rng, state.step + 1)
+        return (new if trace else new.detached()), loss.detach()
+
+
+@contextmanager
+def training_mode(model: nn.Module, training: bool) -> Iterator[None]:
+    """Put ``model`` in train (dropout on) or eval mode for the block, then restore it."""
+    before = [(m, m.training) for m in model.modules()]
+    model.train(training)
+    try:
+        yield
+    finally:
+        for m, mode in before:
+            m.training = mode
+
+
+def _labels(batch: Mapping[str, Tensor]) -> Tensor:
+    labels = batch.get("labels")
+    if labels is not None:
+        return labels
+    ids = batch["input_ids"]
+    mask = batch.get("attention_mask")
+    return ids if mask is None else ids.masked_fill(mask == 0, -100)
+
+
+def _accepts_use_cache(model: nn.Module) -> bool:
+    return hasattr(model, "config") and hasattr(model.config, "use_cache")

@@ -1,0 +1,79 @@
+"""MagicModule under a Lightning Trainer: same scores as the pure path, retrains, errors."""
+
+from __future__ import annotations
+
+import lightning.pytorch as L
+import pytest
+import torch
+from magic_oracles import tiny_batches, tiny_model, tiny_query, train
+from torch.utils.data import DataLoader
+
+from lightning_bergson import MagicModule
+from lightning_bergson.magic import OptimizerConfig, metagradients
+
+OPTIONS = {"optimizer": "adamw", "lr": 1e-2, "weight_decay": 0.1, "max_grad_norm": 0.1}
+
+
+def _fit(module: MagicModule, batches: list[dict], epochs: int = 2) -> MagicModule:
+    trainer = L.Trainer(
+        max_epochs=epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, DataLoader(batches, batch_size=None))
+    return module
+
+
+def test_lightning_fit_attribute_and_retrains_follow_the_pure_path():
+    batches, query = tiny_batches(), tiny_query()
+    mm = _fit(
+        MagicModule(tiny_model(), num_examples=6, checkpoint_schedule="log", **OPTIONS), batches
+    )
+    scores = mm.attribute(query)  # (Q, N)
+
+    cfg = OptimizerConfig("adamw", lr=1e-2, weight_decay=0.1, max_grad_norm=0.1)
+    step_fn, traj = train(cfg, batches + batches)  # two epochs of the same batches
+    assert mm.trajectory is not None and mm.trajectory.num_steps == 6
+    for name, param in mm.model.named_parameters():  # the network holds the final weights
+        torch.testing.assert_close(param, traj.final.params[name], rtol=1e-12, atol=0)
+    torch.testing.assert_close(
+        scores, metagradients(step_fn, traj, query, num_examples=6), rtol=1e-9, atol=0
+    )
+    # aggregate query loss = token-weighted mean of the per-query losses (linearity)
+    tokens = (query["labels"][:, 1:] != -100).sum(1).double()
+    aggregate = mm.attribute(query, per_query=False)  # (N,)
+    torch.testing.assert_close(aggregate, (tokens / tokens.sum()) @ scores, rtol=1e-9, atol=0)
+
+    # the same module retrains with data weights: central difference on example 4
+    h, losses = 1e-5, []
+    for sign in (1, -1):
+        w = torch.ones(6, dtype=torch.float64)
+        w[4] += sign * h
+        retrained = MagicModule(tiny_model(), num_examples=6, data_weights=w, **OPTIONS)
+        losses.append(_fit(retrained, batches).query_loss(query))
+    fd = (losses[0] - losses[1]) / (2 * h)
+    assert float(((scores[:, 4] - fd).abs() / fd.abs()).max()) <= 1e-4
+
+
+def test_fused_attention_is_switched_to_eager():
+    with pytest.warns(UserWarning, match="not twice differentiable"):
+        mm = MagicModule(tiny_model(attn="sdpa"), num_examples=6)
+    assert mm.model.config._attn_implementation == "eager"
+
+
+def test_bad_inputs_name_the_fix():
+    with pytest.raises(ValueError, match=r"eps_root=0\.0 must be > 0"):
+        MagicModule(tiny_model(), eps_root=0.0)
+    with pytest.raises(ValueError, match="checkpoint_schedule='every'"):
+        MagicModule(tiny_model(), checkpoint_schedule="every")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"weight_granularity='token' needs \[N, S\]"):
+        MagicModule(tiny_model(), weight_granularity="token", data_weights=torch.ones(6))
+    no_ids = [{k: v for k, v in b.items() if k != "example_id"} for b in tiny_batches()]
+    with pytest.raises(KeyError, match="example_id"):
+        _fit(MagicModule(tiny_model(), num_examples=6), no_ids, epochs=1)
+    with pytest.raises(ValueError, match="example_id 5 >= num_examples=4"):
+        _fit(MagicModule(tiny_model(), num_examples=4), tiny_batches(), epochs=1)
+    with pytest.raises(RuntimeError, match="needs a finished fit"):
+        MagicModule(tiny_model()).attribute(tiny_query())
