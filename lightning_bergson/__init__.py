@@ -4,6 +4,7 @@ Capture every training example's gradient during ``fit`` with
 :class:`GradientCaptureCallback`, read it back with :class:`GradientStore`.
 """
 
+from .attribution import Attributor, IndexModule
 from .callbacks import GradientCaptureCallback
 from .capture import (
     AdafactorNormalizer,
@@ -28,6 +29,7 @@ from .strategy import (
 __all__ = [
     "AdafactorNormalizer",
     "AdamNormalizer",
+    "Attributor",
     "BergsonDDPStrategy",
     "BergsonModelParallelStrategy",
     "BergsonSingleDeviceStrategy",
@@ -40,6 +42,7 @@ __all__ = [
     "GradientStore",
     "GradientStoreWriter",
     "HeadConfig",
+    "IndexModule",
     "MagicModule",
     "TextDataModule",
     "make_biographies",

@@ -26,6 +26,10 @@ __all__ = ["SUBCOMMANDS", "BergsonCLI", "cli_kwargs", "main"]
 
 SUBCOMMANDS: dict[str, str] = {
     "lds": "lightning_bergson.magic.lds:main",
+    "attribute": "lightning_bergson.attribution.commands:attribute_main",
+    "score": "lightning_bergson.attribution.commands:score_main",
+    "report": "lightning_bergson.attribution.commands:report_main",
+    "index": "lightning_bergson.attribution.commands:index_main",
 }
 """Subcommands outside LightningCLI: name -> ``"module:function"`` taking the remaining argv."""
 

@@ -30,7 +30,11 @@ def run(out: Path, *args: str, processes: int = 1) -> GradientStore:
         env = {**os.environ, "PYTHONWARNINGS": "ignore"}
         proc = subprocess.run(
             [sys.executable, str(SCRIPT), *argv, "--devices", str(processes)],
-            capture_output=True, text=True, timeout=300, cwd=out.parent, env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=out.parent,
+            env=env,
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
     return GradientStore.open(out / "grads.zarr")
@@ -98,8 +102,9 @@ def test_float64_rows(tmp_path, single):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="16-mixed (GradScaler) needs a GPU")
 def test_fp16_mixed_divides_out_the_loss_scale(tmp_path):  # pragma: no cover - GPU only
     ref = run(tmp_path / "ref", "--batch-size", "4", "--accelerator", "gpu")
-    store = run(tmp_path / "amp", "--batch-size", "4", "--accelerator", "gpu", "--precision",
-                "16-mixed")
+    store = run(
+        tmp_path / "amp", "--batch-size", "4", "--accelerator", "gpu", "--precision", "16-mixed"
+    )
     got, want = rows_by_key(store), rows_by_key(ref)
     for key, row in want.items():
         assert ((got[key] - row).norm() / row.norm()).item() < 0.05, key
@@ -110,8 +115,10 @@ def test_strategies_are_registered():
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for name, cls in [("bergson", "BergsonSingleDeviceStrategy"),
-                          ("bergson_ddp", "BergsonDDPStrategy"),
-                          ("bergson_fsdp2", "BergsonModelParallelStrategy")]:
+        for name, cls in [
+            ("bergson", "BergsonSingleDeviceStrategy"),
+            ("bergson_ddp", "BergsonDDPStrategy"),
+            ("bergson_fsdp2", "BergsonModelParallelStrategy"),
+        ]:
             trainer = L.Trainer(strategy=name, accelerator="cpu", devices=1, logger=False)
             assert type(trainer.strategy).__name__ == cls

@@ -85,8 +85,14 @@ def test_checkpoint_of_a_wrapped_module_rebuilds_it(tmp_path):
     net = tiny_gpt_neox()
     module = CausalLMModule(net)
     assert not any(k.startswith("_source") for k in module.state_dict())  # weights stored once
-    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=tmp_path)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(module, torch.utils.data.DataLoader([lm_batch(num=2, seq=6)], batch_size=None))
     trainer.save_checkpoint(tmp_path / "m.ckpt")
     back = CausalLMModule.load_from_checkpoint(tmp_path / "m.ckpt")

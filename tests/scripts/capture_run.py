@@ -18,13 +18,13 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from oracles import lm_batch, tiny_gpt_neox  # noqa: E402
+from oracles import lm_batch, tiny_gpt_neox
 
-from lightning_bergson import CausalLMModule, GradientCaptureCallback  # noqa: E402
+from lightning_bergson import CausalLMModule, GradientCaptureCallback
 
 
 class Rows(Dataset):
-    """Rows of a padded batch dict; ``with_ids=False`` drops ``example_id`` (the strategy adds it)."""
+    """Rows of a padded batch dict; ``with_ids=False`` drops ``example_id`` (a strategy adds it)."""
 
     def __init__(self, batch: dict[str, torch.Tensor], with_ids: bool) -> None:
         self.batch = {k: v for k, v in batch.items() if with_ids or k != "example_id"}
@@ -100,8 +100,9 @@ def main(argv: list[str] | None = None) -> None:
     ]
     if args.ckpt_every:
         callbacks.append(
-            ModelCheckpoint(out / "ckpt", every_n_train_steps=args.ckpt_every, save_last=True,
-                            save_top_k=-1)
+            ModelCheckpoint(
+                out / "ckpt", every_n_train_steps=args.ckpt_every, save_last=True, save_top_k=-1
+            )
         )
     if args.kill_batch >= 0:
         callbacks.append(Killer(args.kill_batch, args.kill_when))

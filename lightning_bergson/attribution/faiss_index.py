@@ -1,0 +1,137 @@
+"""Optional FAISS index over a store, for stores too large to scan (``pip install faiss-cpu``).
+
+The index holds the stored rows as the scan would see them: unit-normalized for cosine
+(after ``H^-1/2`` when preconditioned), raw for inner products (the query carries ``H^-1``).
+Any FAISS factory string works (``"Flat"`` is exact; ``"IVF1024,Flat"`` or ``"IVF4096,PQ64"``
+trade accuracy for speed and memory); the metric is always the inner product. The index is
+written with ``faiss.write_index`` (FAISS's own format, no pickle) to
+``<store>/faiss/<name>.index`` beside a JSON description, and reused when it matches.
+
+Uses only faiss-cpu APIs (Bergson's FAISS path assumes faiss-gpu).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..store import GradientStore
+from .preconditioners import Preconditioner
+from .scoring import unit_rows
+
+__all__ = ["FaissIndex"]
+
+
+def _faiss() -> Any:
+    try:
+        import faiss
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "the FAISS index needs faiss-cpu: pip install faiss-cpu "
+            "(or the extra: pip install 'lightning-bergson[compare]')"
+        ) from err
+    return faiss
+
+
+class FaissIndex:
+    """A FAISS inner-product index of a store's rows, searched like :meth:`Attributor.search`.
+
+    Args:
+        index: The FAISS index (rows in store order).
+        info: Its JSON description (store rows, dim, similarity, factory).
+
+    Example:
+        >>> import tempfile
+        >>> from lightning_bergson.store import GradientStoreWriter, layout_blocks
+        >>> path = f"{tempfile.mkdtemp()}/g.zarr"
+        >>> with GradientStoreWriter(path, modules=layout_blocks([("fc", (1, 2), "fc", None)]),
+        ...                          dtype="float32") as w:
+        ...     w.append(torch.eye(2), example_id=[5, 6], step=0, epoch=0)
+        >>> index = FaissIndex.build(GradientStore.open(path))     # doctest: +SKIP
+        >>> index.search(torch.tensor([[0.0, 1.0]]), k=1)[1].tolist()  # doctest: +SKIP
+        [[1]]
+    """
+
+    def __init__(self, index: Any, info: dict[str, Any]) -> None:
+        self.index, self.info = index, info
+
+    @classmethod
+    def build(
+        cls,
+        store: GradientStore,
+        *,
+        factory: str = "Flat",
+        unit_norm: bool = False,
+        preconditioner: Preconditioner | None = None,
+        chunk_rows: int = 65536,
+        train_rows: int = 100_000,
+    ) -> FaissIndex:
+        """Add every stored row (transformed as the scan would) to a new index."""
+        faiss = _faiss()
+        index = faiss.index_factory(store.dim, factory, faiss.METRIC_INNER_PRODUCT)
+
+        def prepared(x: Tensor) -> np.ndarray:
+            x = x.to(torch.float64)
+            if preconditioner is not None and unit_norm:
+                x = preconditioner.apply(x, -0.5)
+            x = unit_rows(x) if unit_norm else x
+            x = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)  # non-finite rows: zeros
+            return np.ascontiguousarray(x.numpy(), dtype=np.float32)
+
+        if not index.is_trained:
+            sample = np.linspace(0, len(store) - 1, min(train_rows, len(store))).astype(np.int64)
+            index.train(prepared(store.read(np.unique(sample), dtype=torch.float64)))
+        for _, chunk in store.iter_chunks(chunk_rows, dtype=torch.float32):
+            index.add(prepared(chunk))
+        info = {
+            "factory": factory,
+            "unit_norm": unit_norm,
+            "preconditioned": preconditioner is not None and unit_norm,
+            "damping": preconditioner.damping if preconditioner is not None and unit_norm else None,
+            "store_rows": len(store),
+            "dim": store.dim,
+        }
+        return cls(index, info)
+
+    @staticmethod
+    def path_for(store: GradientStore, info: dict[str, Any]) -> Path:
+        """``<store>/faiss/<factory>_<ip|cos>[_pre].index``."""
+        name = info["factory"].replace(",", "_").replace("/", "_")
+        name += "_cos" if info["unit_norm"] else "_ip"
+        name += "_pre" if info["preconditioned"] else ""
+        return store.path / "faiss" / f"{name}.index"
+
+    def save(self, path: str | Path) -> Path:
+        """Write the index and its JSON description (``.json`` beside it)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _faiss().write_index(self.index, str(path))
+        path.with_suffix(".json").write_text(json.dumps(self.info))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> FaissIndex:
+        """Read an index written by :meth:`save`."""
+        path = Path(path)
+        info = json.loads(path.with_suffix(".json").read_text())
+        return cls(_faiss().read_index(str(path)), info)
+
+    def matches(self, info: dict[str, Any]) -> bool:
+        """Whether this index was built from the same rows with the same transformation."""
+        return all(self.info.get(k) == v for k, v in info.items())
+
+    def search(self, queries: Tensor, k: int, *, reverse: bool = False) -> tuple[Tensor, Tensor]:
+        """``(scores [Q, k], rows [Q, k])`` for processed queries ``[Q, D]``.
+
+        ``reverse`` searches with ``-q`` and negates the scores back (the lowest scores).
+        """
+        q = queries.detach().to("cpu", torch.float32)
+        q = -q if reverse else q
+        scores, rows = self.index.search(np.ascontiguousarray(q.numpy()), k)
+        scores = torch.from_numpy(scores)
+        return (-scores if reverse else scores), torch.from_numpy(rows).to(torch.int64)

@@ -1,0 +1,80 @@
+"""``attribute``, ``score`` and ``report`` subcommands on a shrunk quickstart run."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from lightning_bergson.attribution import Attributor, query_batch
+from lightning_bergson.attribution.loading import load_model, load_text_data
+from lightning_bergson.cli import main
+from lightning_bergson.scores import ScoreArray
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("quick")
+    cfg = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())
+    cfg["trainer"].update(max_epochs=1, default_root_dir=str(tmp), enable_progress_bar=False)
+    cfg["trainer"]["callbacks"][0]["init_args"]["path"] = str(tmp / "grads.zarr")
+    cfg["data"]["init_args"].update(num_people=6, cache_dir=str(tmp / "cache"))
+    (tmp / "quick.yaml").write_text(yaml.safe_dump(cfg))
+    main(["fit", "--config", str(tmp / "quick.yaml")])
+    return tmp
+
+
+def test_attribute_prints_top_and_bottom_and_writes_a_report(run, capsys):
+    args = ["attribute", "--store", str(run / "grads.zarr"), "--model", str(run)]
+    main([*args, "--fact", "[0, 2]", "--query", "Hello there", "--top_k", "3", "--bottom", "true"])
+    out = capsys.readouterr().out
+    _, data_hp = load_model(run)
+    corpus = load_text_data(data_hp).corpus
+    fact = corpus.facts[0]
+    assert "Query 0: Hello there" in out
+    assert f"Query 1: {fact.query} [answer: {fact.value}]" in out
+    assert out.count("top 3:") == 3 and out.count("bottom 3:") == 3
+    main([*args, "--fact", "0", "--report", str(run / "report"), "--unit_norm", "false"])
+    page = (run / "report" / "report.html").read_text()
+    assert fact.query in page and (run / "report" / "scores_q0.png").is_file()
+
+
+def test_score_and_report_commands(run, capsys):
+    store = str(run / "grads.zarr")
+    out = run / "scores.zarr"
+    main(["score", "--store", store, "--model", str(run), "--fact", "all", "--out", str(out)])
+    arr = ScoreArray.open(out)
+    module, data_hp = load_model(run)
+    data = load_text_data(data_hp)
+    facts = data.corpus.facts
+    assert arr.scores.shape == (len(facts), len(data.texts))
+    assert arr.metadata["relevant"][3] == list(facts[3].doc_ids)
+
+    attr = Attributor(store, unit_norm=True, preconditioner="fit")  # the command's defaults
+    batch = query_batch(data.tokenizer, [facts[3].query], answers=[facts[3].answer])
+    want, _ = attr.scores(attr.query_gradients(module, batch))
+    np.testing.assert_allclose(arr.scores[3], want[0].numpy(), rtol=1e-5, atol=1e-6)
+
+    main(["report", "--scores", str(out), "--out", str(run / "rep"), "--top_k", "2"])
+    md = (run / "rep" / "report.md").read_text()
+    best = int(np.argmax(arr.scores[3]))
+    assert facts[3].query in md and data.texts[int(arr.example_ids[best])] in md
+    assert "report:" in capsys.readouterr().out
+
+
+def test_readme_main_job_attribute_command(run, capsys):
+    """The README's main job ends with ``attribute``; run it on the shrunk quickstart run."""
+    readme = (ROOT / "README.md").read_text()
+    main_job = next(c for c in re.findall(r"```bash\n(.*?)```", readme, re.S) if "fit --" in c)
+    command = main_job.strip().split(" && ")[-1]
+    assert command.startswith("python -m lightning_bergson attribute ")
+    argv = shlex.split(command.replace("runs/quickstart", str(run)))[3:]
+    main(argv)
+    out = capsys.readouterr().out
+    assert out.count("top 5:") == 3 and "Query 2:" in out
