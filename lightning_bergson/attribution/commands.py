@@ -58,10 +58,14 @@ def _listify(value: Any) -> list:
     return list(value) if isinstance(value, list | tuple) else [value]
 
 
-def _read_texts(path: str) -> list[str]:
+def _read_texts(path: str) -> list[str] | dict[int, str]:
+    """Texts by example id: a JSON list (index = id), a JSON object {id: text}, or lines."""
     p = Path(path)
     if p.suffix == ".json":
-        return [str(t) for t in json.loads(p.read_text(encoding="utf-8"))]
+        data = json.loads(p.read_text(encoding="utf-8"))
+        if isinstance(data, dict):
+            return {int(k): str(v) for k, v in data.items()}
+        return [str(t) for t in data]
     return p.read_text(encoding="utf-8").splitlines()
 
 
@@ -266,7 +270,7 @@ def report(
     arr = ScoreArray.open(scores)
     if arr.scores.ndim != 2:
         raise ValueError(f"{scores} holds per-token scores {arr.scores.shape}; report needs [Q, N]")
-    shown: Sequence[str] | dict = {}
+    shown: Sequence[str] | dict[int, str] = {}
     if texts:
         shown = _read_texts(texts)
     elif (dm := load_text_data(arr.metadata.get("data"))) is not None:
