@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 from typing_extensions import override
 
-__all__ = ["CausalLMModule", "causal_lm_losses"]
+__all__ = ["CausalLMModule", "batch_losses", "causal_lm_losses"]
 
 
 def causal_lm_losses(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -33,6 +33,24 @@ def causal_lm_losses(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         logits[:, :-1].transpose(1, 2).float(), target, ignore_index=-100, reduction="none"
     )  # (B, S-1)
     return token_loss.sum(1), (target != -100).sum(1)
+
+
+def batch_losses(logits: Tensor, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """Hugging Face's batch loss (mean over supervised tokens) and each example's mean.
+
+    Labels default to ``input_ids`` with padding (``attention_mask == 0``) ignored.
+
+    Returns:
+        ``(loss [], example_loss [B])``.
+    """
+    labels = batch.get("labels")
+    if labels is None:
+        labels = batch["input_ids"]
+        if "attention_mask" in batch:
+            labels = labels.masked_fill(batch["attention_mask"] == 0, -100)
+    sums, counts = causal_lm_losses(logits, labels)  # (B,), (B,)
+    loss = sums.sum() / counts.sum().clamp(min=1)
+    return loss, sums / counts.clamp(min=1)
 
 
 def _build_network(
@@ -191,15 +209,7 @@ class CausalLMModule(L.LightningModule):
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
 
     def _losses(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        logits = self(batch["input_ids"], batch.get("attention_mask"))
-        labels = batch.get("labels")
-        if labels is None:
-            labels = batch["input_ids"]
-            if "attention_mask" in batch:
-                labels = labels.masked_fill(batch["attention_mask"] == 0, -100)
-        sums, counts = causal_lm_losses(logits, labels)
-        loss = sums.sum() / counts.sum().clamp(min=1)  # HF's batch mean over supervised tokens
-        return loss, sums / counts.clamp(min=1)
+        return batch_losses(self(batch["input_ids"], batch.get("attention_mask")), batch)
 
     @override
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from ..callbacks import GradientCaptureCallback
-from ..models import causal_lm_losses
+from ..models import batch_losses
 from .compat import resolve_network
 from .loading import load_model
 
@@ -86,18 +86,12 @@ class IndexModule(L.LightningModule):
     @override
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
         logits = self(batch["input_ids"], batch.get("attention_mask"))
-        labels = batch.get("labels")
-        if labels is None:
-            labels = batch["input_ids"]
-            if "attention_mask" in batch:
-                labels = labels.masked_fill(batch["attention_mask"] == 0, -100)
-        sums, counts = causal_lm_losses(logits, labels)  # (B,), (B,)
-        loss = sums.sum() / counts.sum().clamp(min=1)  # token_mean, as Hugging Face
+        loss, example_loss = batch_losses(logits, batch)  # token_mean, as Hugging Face
         self.manual_backward(loss)
         for p in self.model.parameters():
             p.grad = None  # nothing accumulates: there is no optimizer step
-        self.log("index/loss", loss.detach(), prog_bar=True, batch_size=len(sums))
-        return {"loss": loss.detach(), "example_loss": (sums / counts.clamp(min=1)).detach()}
+        self.log("index/loss", loss.detach(), prog_bar=True, batch_size=len(example_loss))
+        return {"loss": loss.detach(), "example_loss": example_loss.detach()}
 
     @override
     def configure_optimizers(self) -> Any:
