@@ -121,6 +121,25 @@ def _query_rows(attr: Attributor, ctx: _Context) -> Tensor:
     return torch.cat(rows)  # (Q, D)
 
 
+def _attributor(
+    store: str,
+    device: str,
+    unit_norm: bool,
+    preconditioner: str,
+    damping: float,
+    example_reduce: str,
+) -> Attributor:
+    """The Attributor both commands build; ``preconditioner="none"`` turns it off."""
+    return Attributor(
+        store,
+        device=device,
+        unit_norm=unit_norm,
+        preconditioner=None if preconditioner == "none" else preconditioner,
+        damping=damping,
+        example_reduce=example_reduce,  # type: ignore[arg-type]
+    )
+
+
 def _labels(ctx: _Context) -> list[str]:
     pairs = zip(ctx.queries, ctx.answers, strict=True)
     return [f"{q} [answer: {a.strip()}]" if a else q for q, a in pairs]
@@ -165,14 +184,7 @@ def attribute(
         device: Scoring device.
     """
     ctx = _context(model, tokenizer, texts, query, answer, fact)
-    attr = Attributor(
-        store,
-        device=device,
-        unit_norm=unit_norm,
-        preconditioner=None if preconditioner == "none" else preconditioner,
-        damping=damping,
-        example_reduce=example_reduce,
-    )
+    attr = _attributor(store, device, unit_norm, preconditioner, damping, example_reduce)
     q = _query_rows(attr, ctx)
     shown = ctx.texts if ctx.texts is not None else {}
     labels = _labels(ctx)
@@ -229,14 +241,7 @@ def score(
         device: Scoring device.
     """
     ctx = _context(model, tokenizer, None, query, answer, fact)
-    attr = Attributor(
-        store,
-        device=device,
-        unit_norm=unit_norm,
-        preconditioner=None if preconditioner == "none" else preconditioner,
-        damping=damping,
-        example_reduce=example_reduce,
-    )
+    attr = _attributor(store, device, unit_norm, preconditioner, damping, example_reduce)
     meta = {
         "queries": _labels(ctx),
         "relevant": [sorted(r) for r in ctx.relevant],
