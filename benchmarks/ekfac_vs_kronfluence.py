@@ -94,14 +94,14 @@ def run_kronfluence(model, train, queries, args, out: Path) -> tuple[torch.Tenso
     from kronfluence.task import Task
 
     from lightning_bergson.capture.hooks import DEFAULT_EXCLUDE, select_modules
-    from lightning_bergson.ekfac.losses import summed_token_losses
+    from lightning_bergson.models import causal_lm_losses
 
     tracked = list(select_modules(model, ("*",), DEFAULT_EXCLUDE))  # as EkfacModule's default
 
     class LMTask(Task):
         def compute_train_loss(self, batch, model, sample=False):
             out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-            return summed_token_losses(out.logits, batch["labels"]).sum()
+            return causal_lm_losses(out.logits, batch["labels"])[0].sum()
 
         def compute_measurement(self, batch, model):
             return self.compute_train_loss(batch, model)

@@ -258,13 +258,13 @@ class GradientCaptureCallback(Callback):
             )
             self._flush_deferred(trainer)
         if self.writer is not None:
-            rows = self.writer.flush()
-            self.writer.close(complete=True)
+            # Normalizers first: a store flagged complete has everything a query needs.
             if self.normalizer != "none" and trainer.is_global_zero and self.collector is not None:
                 out = self.path / "normalizers"
                 out.mkdir(parents=True, exist_ok=True)
                 save_normalizers(out / "normalizers.safetensors", self.collector.normalizers)
-            self._report(trainer, rows)
+            self.writer.close(complete=True)
+            self._report(trainer, self.writer.committed_rows)
             self.writer = None
 
     @override

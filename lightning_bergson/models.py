@@ -28,9 +28,11 @@ def causal_lm_losses(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     Returns:
         ``(sums [B], counts [B])``.
     """
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()  # float64 stays float64 (exact runs)
     target = labels[:, 1:]  # (B, S-1)
     token_loss = nn.functional.cross_entropy(
-        logits[:, :-1].transpose(1, 2).float(), target, ignore_index=-100, reduction="none"
+        logits[:, :-1].transpose(1, 2), target, ignore_index=-100, reduction="none"
     )  # (B, S-1)
     return token_loss.sum(1), (target != -100).sum(1)
 

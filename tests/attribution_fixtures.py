@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from oracles import Rows
 
 from lightning_bergson.store import GradientStoreWriter, layout_blocks
 
@@ -73,19 +74,6 @@ def damped_inverse_power(h: np.ndarray, power: float, damping: float) -> np.ndar
         return inv
     assert power == -0.5
     return np.real(sqrtm(inv))
-
-
-class Rows(torch.utils.data.Dataset):
-    """Rows of a fixed-length padded batch dict, so default collation rebuilds batches."""
-
-    def __init__(self, batch: dict[str, torch.Tensor]) -> None:
-        self.batch = batch
-
-    def __len__(self) -> int:
-        return len(self.batch["input_ids"])
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {k: v[i] for k, v in self.batch.items()}
 
 
 def fit_with_capture(module, data, callback, *, batch_size: int = 3, max_epochs: int = 1):

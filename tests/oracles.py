@@ -74,6 +74,19 @@ def module_grad(grads: dict[str, Tensor], name: str, *, bias: bool = False, conv
     return w
 
 
+class Rows(torch.utils.data.Dataset):
+    """Rows of a padded batch dict, so default collation rebuilds batches of it."""
+
+    def __init__(self, batch: dict[str, Tensor]) -> None:
+        self.batch = batch
+
+    def __len__(self) -> int:
+        return len(self.batch["input_ids"])
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        return {k: v[i] for k, v in self.batch.items()}
+
+
 class ToyConv1DNet(nn.Module):
     """Embedding -> HF Conv1D -> tanh -> Linear, to cover the transposed layer type."""
 

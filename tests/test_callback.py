@@ -7,7 +7,7 @@ import copy
 import lightning.pytorch as L
 import pytest
 import torch
-from oracles import example_losses, lm_batch, module_grad, oracle_lm_grads, tiny_gpt_neox
+from oracles import Rows, example_losses, lm_batch, module_grad, oracle_lm_grads, tiny_gpt_neox
 from torch.utils.data import DataLoader
 
 from lightning_bergson import CausalLMModule, GradientCaptureCallback, GradientStore
@@ -16,19 +16,6 @@ MODULES = [
     "gpt_neox.layers.0.attention.query_key_value",
     "gpt_neox.layers.1.mlp.dense_4h_to_h",
 ]
-
-
-class Rows(torch.utils.data.Dataset):
-    """Rows of a fixed-length padded batch dict, so default collation rebuilds batches."""
-
-    def __init__(self, batch: dict[str, torch.Tensor]) -> None:
-        self.batch = batch
-
-    def __len__(self) -> int:
-        return len(self.batch["input_ids"])
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {k: v[i] for k, v in self.batch.items()}
 
 
 class HFLossModule(L.LightningModule):

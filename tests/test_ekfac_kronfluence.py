@@ -19,7 +19,7 @@ from oracles import lm_batch, tiny_gpt_neox
 from torch.utils.data import DataLoader
 
 from lightning_bergson import EkfacModule
-from lightning_bergson.ekfac.losses import summed_token_losses
+from lightning_bergson.models import causal_lm_losses
 
 NUM_TRAIN, NUM_QUERY, SEQ = 32, 4, 12
 
@@ -49,7 +49,7 @@ def kronfluence_scores(model, train_rows, query_rows, tracked, out_dir, batch_si
             logits = model(
                 input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
             ).logits
-            return summed_token_losses(logits, batch["labels"]).sum()
+            return causal_lm_losses(logits, batch["labels"])[0].sum()
 
         def compute_measurement(self, batch, model):
             return self.compute_train_loss(batch, model)

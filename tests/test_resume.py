@@ -14,8 +14,7 @@ import lightning.pytorch as L
 import numpy as np
 import pytest
 import torch
-from oracles import lm_batch, tiny_gpt_neox
-from test_callback import Rows
+from oracles import Rows, lm_batch, tiny_gpt_neox
 
 import lightning_bergson.store.writer as writer_mod
 from lightning_bergson import CausalLMModule, GradientCaptureCallback, GradientStore

@@ -310,25 +310,17 @@ class GradientCollector:
             parts = full.view(batch, heads, plan.head_out, plan.head_in)  # (B, H, o, I)
         else:
             parts = full.view(batch, plan.head_out, heads, plan.head_in).transpose(1, 2)
-        rows = []
-        for head, block in enumerate(plan.blocks):
-            g_h = parts[:, head]  # (B, o, i)
-            if self.projection_dim:
-                left = self._matrix(block.name, "left", plan.head_out, full)  # (p, o)
-                right = self._matrix(block.name, "right", plan.head_in, full)  # (p, i)
-                g_h = left @ g_h @ right.T  # (B, p, p)
-            rows.append(g_h.reshape(batch, -1))
-        return rows
+        if self.projection_dim:
+            lefts = self._matrices(plan, "left", plan.head_out, full)  # (H, p, o)
+            rights = self._matrices(plan, "right", plan.head_in, full)  # (H, p, i)
+            parts = lefts @ parts @ rights.transpose(1, 2)  # (B, H, p, p)
+        return [parts[:, h].reshape(batch, -1) for h in range(heads)]
 
     def _project_factored(self, plan: _Plan, a: Tensor, g: Tensor) -> list[Tensor]:
         """``(g L^T)^T (a R^T)`` for every head at once, never forming ``[B, O, I]``."""
         batch, seq, heads, p = g.shape[0], g.shape[1], plan.num_heads, self.projection_dim
-        lefts = torch.stack(
-            [self._matrix(b.name, "left", plan.head_out, g) for b in plan.blocks]
-        )  # (H, p, o)
-        rights = torch.stack(
-            [self._matrix(b.name, "right", plan.head_in, g) for b in plan.blocks]
-        )  # (H, p, i)
+        lefts = self._matrices(plan, "left", plan.head_out, g)  # (H, p, o)
+        rights = self._matrices(plan, "right", plan.head_in, g)  # (H, p, i)
         if plan.split_output:
             gl = torch.einsum("bshk,hpk->bhsp", g.view(batch, seq, heads, plan.head_out), lefts)
             ar = (a @ rights.reshape(heads * p, -1).T).view(batch, seq, heads, p).transpose(1, 2)
@@ -338,8 +330,10 @@ class GradientCollector:
         out = gl.transpose(-1, -2) @ ar  # (B, H, p, p)
         return [out[:, h].reshape(batch, p * p) for h in range(heads)]
 
-    def _matrix(self, key: str, side: str, features: int, like: Tensor) -> Tensor:
-        return self.projections.get(key, side, features, like.dtype, like.device)  # type: ignore[arg-type]
+    def _matrices(self, plan: _Plan, side: str, features: int, like: Tensor) -> Tensor:
+        """The ``side`` projection of every block of ``plan``, stacked ``[H, p, features]``."""
+        names = [b.name for b in plan.blocks]
+        return self.projections.get(names, side, features, like.dtype, like.device)  # type: ignore[arg-type]
 
 
 def _head_cfg_for(name: str, head_cfgs: Mapping[str, HeadConfig]) -> HeadConfig | None:

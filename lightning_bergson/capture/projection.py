@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -71,7 +72,10 @@ def projection_matrix(
 
 
 class ProjectionCache:
-    """Builds projection matrices once per (key, side, shape, device, dtype) and keeps them.
+    """Builds the projection matrices of a module's blocks once and keeps them.
+
+    The matrices of all blocks of one module (its heads) are kept stacked, so the
+    per-step hook does no allocation.
 
     Args:
         dim: Projection dimension ``p``.
@@ -79,8 +83,8 @@ class ProjectionCache:
 
     Example:
         >>> cache = ProjectionCache(8, seed=0)
-        >>> cache.get("fc", "right", 32, torch.float32, "cpu").shape
-        torch.Size([8, 32])
+        >>> cache.get(["fc.head_0", "fc.head_1"], "right", 32, torch.float32, "cpu").shape
+        torch.Size([2, 8, 32])
     """
 
     def __init__(self, dim: int, *, seed: int = 0) -> None:
@@ -90,18 +94,23 @@ class ProjectionCache:
 
     def get(
         self,
-        key: str,
+        keys: Sequence[str],
         side: Side,
         features: int,
         dtype: torch.dtype,
         device: torch.device | str,
     ) -> torch.Tensor:
-        """The ``[dim, features]`` matrix for ``key``/``side`` on ``device``."""
-        cache_key = (key, side, features, dtype, str(device))
-        mat = self._cache.get(cache_key)
-        if mat is None:
-            mat = projection_matrix(
-                self.dim, features, seed=self.seed, key=key, side=side, dtype=dtype, device=device
-            )
-            self._cache[cache_key] = mat
-        return mat
+        """``[len(keys), dim, features]``: the ``side`` matrix of each block in ``keys``."""
+        cache_key = (tuple(keys), side, features, dtype, str(device))
+        mats = self._cache.get(cache_key)
+        if mats is None:
+            mats = torch.stack(
+                [
+                    projection_matrix(
+                        self.dim, features, seed=self.seed, key=k, side=side, dtype=dtype
+                    )
+                    for k in keys
+                ]
+            ).to(device)
+            self._cache[cache_key] = mats
+        return mats

@@ -17,7 +17,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["batch_labels", "lm_example_losses", "sample_labels", "summed_token_losses"]
+from ..models import causal_lm_losses
+
+__all__ = ["batch_labels", "lm_example_losses", "sample_labels"]
 
 
 def batch_labels(batch: dict[str, Any]) -> Tensor:
@@ -89,17 +91,4 @@ def lm_example_losses(
         if ids is None:
             ids = torch.arange(labels.shape[0])
         labels = sample_labels(logits, labels, torch.as_tensor(ids), seed=seed, salt=salt)
-    return summed_token_losses(logits, labels)
-
-
-def summed_token_losses(logits: Tensor, labels: Tensor) -> Tensor:
-    """``sum_t CE(logits[:, t], labels[:, t + 1])`` per example ``[B]`` (-100 ignored).
-
-    Half-precision logits are upcast to float32; float64 stays float64.
-    """
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()
-    token_loss = nn.functional.cross_entropy(
-        logits[:, :-1].transpose(1, 2), labels[:, 1:], ignore_index=-100, reduction="none"
-    )  # (B, S-1)
-    return token_loss.sum(1)
+    return causal_lm_losses(logits, labels)[0]

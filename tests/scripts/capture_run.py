@@ -13,27 +13,13 @@ import sys
 from pathlib import Path
 
 import lightning.pytorch as L
-import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from oracles import lm_batch, tiny_gpt_neox
+from oracles import Rows, lm_batch, tiny_gpt_neox
 
 from lightning_bergson import CausalLMModule, GradientCaptureCallback
-
-
-class Rows(Dataset):
-    """Rows of a padded batch dict; ``with_ids=False`` drops ``example_id`` (a strategy adds it)."""
-
-    def __init__(self, batch: dict[str, torch.Tensor], with_ids: bool) -> None:
-        self.batch = {k: v for k, v in batch.items() if with_ids or k != "example_id"}
-
-    def __len__(self) -> int:
-        return len(self.batch["input_ids"])
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {k: v[i] for k, v in self.batch.items()}
 
 
 class Killer(Callback):
@@ -83,7 +69,9 @@ def main(argv: list[str] | None = None) -> None:
     data = lm_batch(num=args.num, seq=args.seq, seed=1)
     data["attention_mask"].fill_(1)  # equal lengths: DDP's mean of means == the global mean
     data["labels"] = data["input_ids"].clone()
-    rows = Rows(data, not args.no_ids)
+    if args.no_ids:  # a dataset without example_id: the Bergson strategy adds the rows
+        del data["example_id"]
+    rows = Rows(data)
     if args.devices > 1:  # Lightning swaps in DistributedSampler(shuffle=True, seed=0)
         loader = DataLoader(rows, batch_size=args.batch_size)
     else:  # the same epoch permutation, so the global batches match a multi-process run
