@@ -9,7 +9,8 @@ Run: ``python -m lightning_bergson fit --config configs/quickstart.yaml``
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from functools import wraps
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,14 +21,18 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
+from .batch import EXAMPLE_ID, example_ids
 from .capture import DEFAULT_EXCLUDE, GradientCollector, HeadConfig, normalizers_from_optimizer
 from .capture.fingerprint import model_fingerprint
 from .capture.normalizers import load_normalizers, save_normalizers
+from .capture.observer import ScaleObserver
+from .capture.scaling import BATCH_REDUCTIONS
+from .capture.settings import CaptureSettings
 from .store import GradientStoreWriter, layout_blocks
 
 __all__ = ["GradientCaptureCallback"]
 
-BatchReduction = Literal["token_mean", "example_mean", "sum"]
+BatchReduction = Literal["auto", "token_mean", "example_mean", "sum"]
 
 
 @dataclass
@@ -35,20 +40,32 @@ class _BatchInfo:
     """What the rows of one micro-batch need besides their gradients."""
 
     example_id: Tensor  # (B,) int64, CPU
-    scale: Tensor  # (B,) multiplier turning the observed gradient into grad L_i
     step: int
     epoch: int
+    scale: Tensor | None = None  # (B,) multiplier turning the observed gradient into the row
     loss: Tensor | None = None  # (B,) float32, CPU
 
 
 class GradientCaptureCallback(Callback):
     """Capture a projected, optionally optimizer-normalized gradient of every training example.
 
-    Each row is the gradient of one example's own loss ``L_i`` (sum of its token
-    losses, or their mean with ``loss_reduction="mean"``), whatever the batch,
-    gradient accumulation or loss scaling: the callback divides out the factors the
-    training loss applied (``batch_reduction``, ``accumulate_grad_batches``, the AMP
-    scale).
+    Each row is the gradient of one example's own loss ``l_i``, whatever the batch, the
+    reduction of the training loss, gradient accumulation or AMP loss scaling: the callback
+    measures ``c_i = d loss / d l_i`` in every backward pass and divides it out. Where
+    ``l_i`` comes from:
+
+    * **the per-example loss contract** (any LightningModule): ``training_step`` returns
+      ``{"loss": loss, "example_loss": l}`` with ``l`` ``[B]`` in the graph of ``loss``; the
+      row is ``grad l_i`` and ``store.losses`` holds ``l_i``;
+    * **the causal-LM rule** (no ``example_loss``): for a dict batch with 2-D ``input_ids``
+      (and ``labels`` of the same shape, or none: then ``input_ids`` masked by
+      ``attention_mask``), ``l_i`` is the example's summed shifted token loss (its mean with
+      ``loss_reduction="mean"``); the gradient at the logits proves each batch that the
+      training loss has that form. Anything else stops the fit at the first batch with an
+      error that shows the contract.
+
+    Batches carry each example's dataset row: a dict key ``example_id``, or, for batches
+    of any type, the Bergson strategies (``strategy="bergson"``) stamp it from the sampler.
 
     Args:
         path: Directory of the Zarr gradient store (``*.zarr``).
@@ -63,16 +80,20 @@ class GradientCaptureCallback(Callback):
             fixed normalizers from ``normalizer_path`` (a safetensors file written by
             ``save_normalizers``).
         normalizer_path: The safetensors file for ``normalizer_source="file"``.
-        include: fnmatch globs of module names to track (``nn.Linear``/HF ``Conv1D``).
+        include: fnmatch globs of module names to track (``nn.Linear``, HF ``Conv1D``,
+            ``nn.Conv1d/2d/3d``); default: every such module whose weight is trainable
+            (for PEFT LoRA: the adapters). An explicit list may add frozen modules.
         exclude: fnmatch globs of module names to skip (default: the output embedding).
         head_cfgs: Module name (or glob) -> :class:`HeadConfig` splitting it into heads.
         include_bias: Append each bias gradient as an extra input column.
-        loss_reduction: ``"sum"`` stores ``grad sum_t l_t``; ``"mean"`` the gradient of the
-            mean over the example's supervised tokens.
-        batch_reduction: How ``training_step``'s loss combines token losses:
-            ``"token_mean"`` (Hugging Face's default: mean over all supervised tokens of
-            the batch), ``"example_mean"`` (mean over examples of per-example token means)
-            or ``"sum"``.
+        loss_reduction: Causal-LM rows: ``"sum"`` stores ``grad sum_t l_t``; ``"mean"`` the
+            gradient of the mean over the example's supervised tokens. With the contract
+            the row is ``grad example_loss[i]`` (``"mean"`` then needs a module whose
+            ``example_loss`` is the summed token loss, as ``CausalLMModule``'s).
+        batch_reduction: ``"auto"`` (default) measures how the training loss weights each
+            example in every batch; a declared ``"token_mean"`` (Hugging Face's batch
+            mean), ``"example_mean"`` or ``"sum"`` is checked against that measurement and a
+            mismatch stops the fit.
         dtype: ``"float16"`` (clamped to +-65504, non-finite rows flagged) or ``"float32"``.
         track_order: Record each row's optimizer step and epoch (``-1`` when off).
         root: Attribute of the LightningModule holding the network to hook (module names
@@ -81,7 +102,7 @@ class GradientCaptureCallback(Callback):
         chunk_rows: Rows per Zarr chunk (default about 4 MiB per chunk).
         overwrite: Replace an existing store at ``path``.
         example_id_key: Batch key with each example's dataset row.
-        labels_key: Batch key of the labels (``-100`` = ignored) used to count tokens.
+        labels_key: Batch key of the causal-LM labels (``-100`` = ignored).
 
     Example:
         >>> cb = GradientCaptureCallback("runs/demo/grads.zarr", projection_dim=16,
@@ -104,19 +125,19 @@ class GradientCaptureCallback(Callback):
         head_cfgs: dict[str, HeadConfig] | None = None,
         include_bias: bool = False,
         loss_reduction: Literal["sum", "mean"] = "sum",
-        batch_reduction: BatchReduction = "token_mean",
+        batch_reduction: BatchReduction = "auto",
         dtype: Literal["float16", "float32"] = "float16",
         track_order: bool = True,
         root: str | None = "auto",
         chunk_rows: int | None = None,
         overwrite: bool = False,
-        example_id_key: str = "example_id",
+        example_id_key: str = EXAMPLE_ID,
         labels_key: str = "labels",
     ) -> None:
         _check_choice("normalizer", normalizer, ("none", "adafactor", "adam"))
         _check_choice("normalizer_source", normalizer_source, ("optimizer", "file"))
         _check_choice("loss_reduction", loss_reduction, ("sum", "mean"))
-        _check_choice("batch_reduction", batch_reduction, ("token_mean", "example_mean", "sum"))
+        _check_choice("batch_reduction", batch_reduction, BATCH_REDUCTIONS)
         _check_choice("dtype", dtype, ("float16", "float32"))
         if projection_dim < 0:
             raise ValueError(f"projection_dim must be >= 0 (0 = exact), got {projection_dim}")
@@ -128,7 +149,7 @@ class GradientCaptureCallback(Callback):
         self.normalizer = normalizer
         self.normalizer_source = normalizer_source
         self.normalizer_path = normalizer_path
-        self.include = list(include) if include else ["*"]
+        self.include = list(include) if include is not None else None
         self.exclude = list(exclude) if exclude is not None else list(DEFAULT_EXCLUDE)
         self.head_cfgs = dict(head_cfgs or {})
         self.include_bias = include_bias
@@ -143,6 +164,8 @@ class GradientCaptureCallback(Callback):
         self.labels_key = labels_key
 
         self.collector: GradientCollector | None = None
+        self.observer: ScaleObserver | None = None
+        self._step_owner: L.LightningModule | None = None
         self.writer: GradientStoreWriter | None = None
         self._batch: _BatchInfo | None = None
         self._rows: dict[str, Tensor] = {}
@@ -159,6 +182,25 @@ class GradientCaptureCallback(Callback):
     def deferred(self) -> bool:
         """Rows wait for the optimizer step whose state normalizes them."""
         return self.normalizer != "none" and self.normalizer_source == "optimizer"
+
+    @property
+    def settings(self) -> CaptureSettings:
+        """The capture settings this callback writes into its store."""
+        return CaptureSettings(
+            projection_dim=self.projection_dim,
+            seed=self.seed,
+            normalizer=self.normalizer,
+            normalizer_source=self.normalizer_source,
+            normalizer_path=None if self.normalizer_path is None else str(self.normalizer_path),
+            include=self.include,
+            exclude=self.exclude,
+            head_cfgs=self.head_cfgs,
+            include_bias=self.include_bias,
+            root=self.root,
+            batch_reduction=self.batch_reduction,
+            track_order=self.track_order,
+            loss_reduction=self.loss_reduction,
+        )
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -180,6 +222,16 @@ class GradientCaptureCallback(Callback):
             self.collector.set_normalizers(self._file_normalizers())
         self.collector.__enter__()
         self.collector.enabled = False
+        self.observer = ScaleObserver(
+            network,
+            loss_reduction=self.loss_reduction,
+            batch_reduction=self.batch_reduction,
+            labels_key=self.labels_key,
+            example_loss_is_token_sum=getattr(pl_module, "example_loss_is_token_sum", False),
+        )
+        self._wrap_training_step(pl_module)
+        self._warned: set[str] = set()
+        self._report_capture(trainer, network)
         self._trainer = trainer
         # Rank 0 creates (or replaces) the store first; the others then add their groups.
         if trainer.global_rank == 0:
@@ -218,15 +270,13 @@ class GradientCaptureCallback(Callback):
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        assert self.collector is not None
-        ids = _example_ids(batch, self.example_id_key)
+        assert self.collector is not None and self.observer is not None
+        ids = example_ids(batch, self.example_id_key)
         self._batch = _BatchInfo(
-            example_id=ids,
-            scale=self._scale(trainer, batch, len(ids)),
-            step=trainer.global_step,
-            epoch=trainer.current_epoch,
+            example_id=ids, step=trainer.global_step, epoch=trainer.current_epoch
         )
         self._rows = {}
+        self.observer.begin(batch, len(ids), watch_now=not pl_module.automatic_optimization)
         self.collector.enabled = True
 
     @override
@@ -239,9 +289,14 @@ class GradientCaptureCallback(Callback):
         batch_idx: int,
     ) -> None:
         assert self.collector is not None and self._batch is not None
+        assert self.observer is not None
         self.collector.enabled = False
         info, self._batch = self._batch, None
-        info.loss = _example_loss(outputs, len(info.example_id))
+        seen = self.observer.finish(
+            accumulate=trainer.accumulate_grad_batches, loss_scale=_loss_scale(trainer)
+        )
+        info.scale, info.loss = seen.scale, seen.loss
+        self._warn_once_per_fit(info, seen.source)
         if not self.deferred:
             self._write(info)
             return
@@ -315,8 +370,6 @@ class GradientCaptureCallback(Callback):
         return inner
 
     def _on_rows(self, block: str, rows: Tensor) -> None:
-        assert self._batch is not None
-        rows = rows * self._batch.scale.to(rows)[:, None]
         prev = self._rows.get(block)
         self._rows[block] = rows if prev is None else prev + rows
 
@@ -326,12 +379,16 @@ class GradientCaptureCallback(Callback):
         if not rows:
             return  # no backward through tracked modules (e.g. a skipped batch)
         batch = len(info.example_id)
+        assert info.scale is not None
+        scale = info.scale[:, None]  # (B, 1) float64
         parts = []
         for block in self.collector.blocks:
             part = rows.get(block.name)
             if part is None:  # a module that took no part in this forward
+                self._warn_missing(block.name, info.step)
                 part = torch.zeros(batch, math.prod(block.shape))
-            parts.append(part.detach().to("cpu", torch.float32))
+            part = part.detach().to("cpu", torch.float64) * scale
+            parts.append(part.to(torch.float32))
         grads = torch.cat(parts, dim=1)  # (B, D)
         finite = torch.isfinite(grads).all(dim=1)
         if not bool(finite.all()):
@@ -347,6 +404,16 @@ class GradientCaptureCallback(Callback):
             torch.full((batch,), epoch, dtype=torch.int32),
             info.loss,
         )
+
+    def _warn_missing(self, block: str, step: int) -> None:
+        if f"missing:{block}" not in self._warned:
+            self._warned.add(f"missing:{block}")
+            rank_zero_warn(
+                f"block {block!r} received no gradient at step {step} (its module took no part "
+                "in the forward pass, or its forward hook never ran); its rows are stored as "
+                "zeros. If that module is never called through its own forward, exclude it. "
+                "Shown once."
+            )
 
     @staticmethod
     def _stepped(trainer: L.Trainer, info: _BatchInfo) -> bool:
@@ -368,22 +435,6 @@ class GradientCaptureCallback(Callback):
             self._write(info)
         self._batch = None
 
-    def _scale(self, trainer: L.Trainer, batch: Any, size: int) -> Tensor:
-        """Per-example multiplier from the observed gradient to ``grad L_i``."""
-        tokens = _supervised_tokens(batch, self.labels_key, size)  # (B,)
-        if self.batch_reduction == "token_mean":
-            weight = 1.0 / tokens.sum().clamp(min=1)
-            weight = weight.expand(size)
-        elif self.batch_reduction == "example_mean":
-            weight = 1.0 / (size * tokens.clamp(min=1))
-        else:
-            weight = torch.ones(size, dtype=torch.float64)
-        weight = weight * _loss_scale(trainer) / trainer.accumulate_grad_batches
-        if self.loss_reduction == "mean":
-            weight = weight * tokens
-        scale = torch.where(weight > 0, 1.0 / weight.clamp(min=1e-300), torch.zeros_like(weight))
-        return scale.to(torch.float64)
-
     def _file_normalizers(self) -> dict:
         from .capture.normalizers import convert
 
@@ -391,48 +442,33 @@ class GradientCaptureCallback(Callback):
         return {name: convert(n, self.normalizer) for name, n in loaded.items()}  # type: ignore[arg-type]
 
     def _metadata(self, network: nn.Module) -> dict[str, Any]:
-        return {
-            "model": model_fingerprint(network),
-            "projection": {
-                "dim": self.projection_dim,
-                "seed": self.seed,
-                "kind": "rademacher",
-                "scale": "jl",
-            },
-            "normalizer": {
-                "kind": self.normalizer,
-                "source": self.normalizer_source,
-                "timing": "after_step" if self.deferred else "fixed",
-                **({"path": str(self.normalizer_path)} if self.normalizer_source == "file" else {}),
-            },
-            "capture": {
-                "include": self.include,
-                "exclude": self.exclude,
-                "include_bias": self.include_bias,
-                "head_cfgs": {k: asdict(v) for k, v in self.head_cfgs.items()},
-                "root": self.root,
-                "batch_reduction": self.batch_reduction,
-                "track_order": self.track_order,
-            },
-            "loss_reduction": self.loss_reduction,
-        }
+        return {"model": model_fingerprint(network), **self.settings.to_attrs()}
 
     def _check_resumable(self, network: nn.Module) -> None:
         """Refuse to append to a store whose model or capture settings differ from this run's."""
         from .store.schema import _open_root_attrs
 
+        assert self.collector is not None
         stored = _open_root_attrs(self.path)
-        mine = self._metadata(network)
-        mine["modules"] = [b.name for b in self.collector.blocks]  # type: ignore[union-attr]
-        stored = {**stored, "modules": [m["name"] for m in stored["modules"]]}
-        stored["model"] = {k: v for k, v in stored["model"].items() if k != "config"}
-        mine["model"] = {k: v for k, v in mine["model"].items() if k != "config"}
-        for key, value in mine.items():
-            if stored.get(key) != value:
+        theirs = CaptureSettings.from_attrs(stored)
+        if theirs != self.settings:
+            raise ValueError(
+                f"cannot resume capture into {self.path}: its capture settings differ from this "
+                f"run's ({theirs.describe_diff(self.settings)}, stored != this run); resume with "
+                "the settings the store was written with, or start a new store"
+            )
+        mine = {k: v for k, v in model_fingerprint(network).items() if k != "config"}
+        model = {k: v for k, v in stored["model"].items() if k != "config"}
+        modules = [b.name for b in self.collector.blocks]
+        for key, (have, want) in {
+            "model": (model, mine),
+            "modules": ([m["name"] for m in stored["modules"]], modules),
+        }.items():
+            if have != want:
                 raise ValueError(
-                    f"cannot resume capture into {self.path}: its {key!r} is {stored.get(key)!r} "
-                    f"but this run's is {value!r}; resume with the settings the store was "
-                    "written with, or start a new store"
+                    f"cannot resume capture into {self.path}: its {key!r} is {have!r} but this "
+                    f"run's is {want!r}; resume with the model the store was written with, or "
+                    "start a new store"
                 )
 
     def _report(self, trainer: L.Trainer, rows: int) -> None:
@@ -446,6 +482,87 @@ class GradientCaptureCallback(Callback):
         if self.collector is not None:
             self.collector.remove()
             self.collector = None
+        if self.observer is not None:
+            self.observer.remove()
+            self.observer = None
+        if self._step_owner is not None:
+            _unobserve_training_step(self._step_owner, self)
+            self._step_owner = None
+
+    def _wrap_training_step(self, pl_module: L.LightningModule) -> None:
+        """Let the observer see ``training_step``'s output before Lightning backpropagates it."""
+        _observe_training_step(pl_module, self)
+        self._step_owner = pl_module
+
+    def _after_step(self, pl_module: L.LightningModule, output: Any) -> None:
+        if self.observer is not None and self.observer.active:
+            self.observer.after_step(output, automatic=pl_module.automatic_optimization)
+
+    def _warn_once_per_fit(self, info: _BatchInfo, source: str) -> None:
+        assert self.observer is not None and info.scale is not None
+        if self.observer.detached_example_loss and "detached" not in self._warned:
+            self._warned.add("detached")
+            rank_zero_warn(
+                "training_step returned a detached example_loss (no graph to the loss), which "
+                "cannot tell each example's scale; the causal-LM rule was applied instead and the "
+                "stored losses are its token losses. Return example_loss without .detach() to "
+                "store the gradient of your own per-example loss."
+            )
+        explicit = source == "example_loss" and self.batch_reduction != "auto"
+        if explicit and "batch_reduction" not in self._warned:
+            self._warned.add("batch_reduction")
+            rank_zero_warn(
+                f"batch_reduction={self.batch_reduction!r} is not used: training_step returns "
+                "example_loss, whose scale in the loss is measured exactly"
+            )
+        zero = info.scale == 0
+        if bool(zero.any()) and "zero" not in self._warned:
+            self._warned.add("zero")
+            rank_zero_warn(
+                f"examples {info.example_id[zero].tolist()[:10]} at step {info.step} did not "
+                "enter the training loss (d loss / d l_i = 0: zero weight, or no supervised "
+                "token); their rows are stored as zeros. This warning is shown once per fit."
+            )
+
+    def _report_capture(self, trainer: L.Trainer, network: nn.Module) -> None:
+        """Print, once on rank 0, what is captured and which trainable parameters are not."""
+        try:
+            from .capture.coverage import describe_capture
+        except ImportError:  # pragma: no cover - older capture package
+            return
+        assert self.collector is not None
+        if trainer.is_global_zero:
+            rank_zero_info(describe_capture(network, self.collector).format())
+
+
+def _observe_training_step(pl_module: L.LightningModule, callback: GradientCaptureCallback) -> None:
+    """Wrap ``pl_module.training_step`` once; every capture callback sees its output."""
+    wrapper = pl_module.__dict__.get("training_step")
+    if wrapper is None or not hasattr(wrapper, "_capture_callbacks"):
+        step = pl_module.training_step
+
+        @wraps(step)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            out = step(*args, **kwargs)
+            for cb in list(wrapper._capture_callbacks):  # type: ignore[attr-defined]
+                cb._after_step(pl_module, out)
+            return out
+
+        wrapper._capture_callbacks = []  # type: ignore[attr-defined]
+        pl_module.training_step = wrapper  # type: ignore[method-assign]
+    if callback not in wrapper._capture_callbacks:  # type: ignore[attr-defined]
+        wrapper._capture_callbacks.append(callback)  # type: ignore[attr-defined]
+
+
+def _unobserve_training_step(pl_module: L.LightningModule, callback: Any) -> None:
+    wrapper = pl_module.__dict__.get("training_step")
+    callbacks = getattr(wrapper, "_capture_callbacks", None)
+    if callbacks is None:
+        return
+    if callback in callbacks:
+        callbacks.remove(callback)
+    if not callbacks:
+        del pl_module.__dict__["training_step"]
 
 
 def _check_choice(name: str, value: str, valid: tuple[str, ...]) -> None:
@@ -453,35 +570,6 @@ def _check_choice(name: str, value: str, valid: tuple[str, ...]) -> None:
         raise ValueError(f"{name}={value!r} is not one of {', '.join(map(repr, valid))}")
 
 
-def _example_ids(batch: Any, key: str) -> Tensor:
-    if not isinstance(batch, dict) or key not in batch:
-        keys = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
-        raise KeyError(
-            f"GradientCaptureCallback needs each training batch to carry {key!r} (the dataset row "
-            f"of every example), but the batch has {keys}. Use lightning_bergson.TextDataModule, "
-            f"or add it with `dataset.map(lambda ex, i: {{{key!r}: i}}, with_indices=True)` and "
-            "keep it through your collate function."
-        )
-    return torch.as_tensor(batch[key]).detach().to("cpu", torch.int64).reshape(-1)
-
-
-def _supervised_tokens(batch: dict, labels_key: str, size: int) -> Tensor:
-    """Tokens that enter each example's causal-LM loss (labels shifted by one)."""
-    labels = batch.get(labels_key)
-    if labels is None:
-        mask = batch.get("attention_mask")
-        if mask is None:
-            mask = torch.ones_like(batch["input_ids"])
-        return mask[:, 1:].sum(1).to("cpu", torch.float64)
-    return (labels[:, 1:] != -100).sum(1).to("cpu", torch.float64)
-
-
 def _loss_scale(trainer: L.Trainer) -> float:
     scaler = getattr(trainer.precision_plugin, "scaler", None)
     return float(scaler.get_scale()) if scaler is not None else 1.0
-
-
-def _example_loss(outputs: Any, size: int) -> Tensor:
-    if isinstance(outputs, dict) and isinstance(outputs.get("example_loss"), Tensor):
-        return outputs["example_loss"].detach().to("cpu", torch.float32).reshape(size)
-    return torch.full((size,), float("nan"))

@@ -14,19 +14,18 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import datasets
 import lightning.pytorch as pl
-import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 from typing_extensions import override
 
+from lightning_bergson.batch import collate_batch
 from lightning_bergson.corpus import BiographyCorpus, make_biographies
 from lightning_bergson.loader import EpochShuffleSampler
 
@@ -94,34 +93,6 @@ def tokenize_texts(
         )
     ids = tokenizer(list(texts), add_special_tokens=True)["input_ids"]
     return [([*row, eos] if append_eos else row)[:max_length] for row in ids]
-
-
-def collate_batch(rows: Sequence[Mapping[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad rows of ``input_ids`` to the longest one and build the batch contract.
-
-    Args:
-        rows: Mappings with ``input_ids`` (list of ints) and ``example_id`` (int).
-        pad_token_id: Id written at padded positions of ``input_ids``.
-
-    Returns:
-        ``input_ids``, ``attention_mask``, ``labels`` ([B, S] int64; labels -100 at padding)
-        and ``example_id`` ([B] int64).
-    """
-    length = max(len(row["input_ids"]) for row in rows)
-    input_ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)  # (B, S)
-    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)  # (B, S)
-    for i, row in enumerate(rows):
-        n = len(row["input_ids"])
-        input_ids[i, :n] = torch.as_tensor(row["input_ids"], dtype=torch.long)
-        attention_mask[i, :n] = 1
-    labels = input_ids.masked_fill(attention_mask == 0, -100)
-    example_id = torch.tensor([int(row["example_id"]) for row in rows], dtype=torch.long)  # (B,)
-    return {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "labels": labels,
-        "example_id": example_id,
-    }
 
 
 def _cache_root() -> Path:

@@ -4,8 +4,11 @@
 DataLoader in :class:`ResumableLoader` after Lightning has inserted its distributed
 sampler. The wrapper
 
-* adds ``example_id`` (the sampler's index, i.e. the dataset row) to dict batches
-  that do not carry one, so any map-style dataset works with gradient capture;
+* gives every batch its examples' dataset rows (the sampler's indices): dict batches that
+  do not carry ``example_id`` get the key, batches of any other type (tuples, lists,
+  tensors, dataclasses) are wrapped as :class:`~lightning_bergson.batch.IdStamped`, which
+  the strategy unwraps before the LightningModule sees the batch (see
+  :func:`lightning_bergson.batch.stamp`);
 * implements Lightning's ``state_dict``/``load_state_dict`` loader protocol with
   the number of batches *trained on* this epoch, so a run resumed from a mid-epoch
   checkpoint skips exactly those batches (their indices, not their data) and sees
@@ -24,6 +27,8 @@ from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .batch import stamp
 
 __all__ = ["EpochShuffleSampler", "ResumableLoader", "make_resumable"]
 
@@ -75,16 +80,15 @@ class _IndexedDataset(Dataset):
 
 
 class _IndexedCollate:
-    """Collate with the wrapped function, then add ``key`` from the indices if missing."""
+    """Collate with the wrapped function, then stamp the indices in (:func:`stamp`)."""
 
     def __init__(self, collate: Callable[[list], Any], key: str) -> None:
         self.collate, self.key = collate, key
 
     def __call__(self, items: list[tuple[int, Any]]) -> Any:
         batch = self.collate([item for _, item in items])
-        if isinstance(batch, dict) and self.key not in batch:
-            batch[self.key] = torch.tensor([i for i, _ in items], dtype=torch.int64)
-        return batch
+        ids = torch.tensor([i for i, _ in items], dtype=torch.int64)  # (B,)
+        return stamp(batch, ids, key=self.key)[0]
 
 
 class _SkippingBatchSampler:

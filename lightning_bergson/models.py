@@ -13,46 +13,9 @@ import torch
 from torch import Tensor, nn
 from typing_extensions import override
 
-__all__ = ["CausalLMModule", "batch_losses", "causal_lm_losses"]
+from .losses import batch_losses, causal_lm_losses
 
-
-def causal_lm_losses(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-example summed token losses and supervised-token counts.
-
-    Token ``t`` predicts ``labels[:, t + 1]``; ``-100`` is ignored, as in Hugging Face.
-
-    Args:
-        logits: ``[B, S, V]``.
-        labels: ``[B, S]``.
-
-    Returns:
-        ``(sums [B], counts [B])``.
-    """
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()  # float64 stays float64 (exact runs)
-    target = labels[:, 1:]  # (B, S-1)
-    token_loss = nn.functional.cross_entropy(
-        logits[:, :-1].transpose(1, 2), target, ignore_index=-100, reduction="none"
-    )  # (B, S-1)
-    return token_loss.sum(1), (target != -100).sum(1)
-
-
-def batch_losses(logits: Tensor, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-    """Hugging Face's batch loss (mean over supervised tokens) and each example's mean.
-
-    Labels default to ``input_ids`` with padding (``attention_mask == 0``) ignored.
-
-    Returns:
-        ``(loss [], example_loss [B])``.
-    """
-    labels = batch.get("labels")
-    if labels is None:
-        labels = batch["input_ids"]
-        if "attention_mask" in batch:
-            labels = labels.masked_fill(batch["attention_mask"] == 0, -100)
-    sums, counts = causal_lm_losses(logits, labels)  # (B,), (B,)
-    loss = sums.sum() / counts.sum().clamp(min=1)
-    return loss, sums / counts.clamp(min=1)
+__all__ = ["CausalLMModule", "batch_losses", "causal_lm_losses"]  # losses re-exported
 
 
 def _build_network(
@@ -115,8 +78,10 @@ class CausalLMModule(L.LightningModule):
     """Train a causal LM with AdamW (or Adafactor) on batches of ``input_ids``/``labels``.
 
     ``training_step`` returns the batch loss Hugging Face would compute (mean over
-    every supervised token of the batch) and, as ``example_loss``, each example's mean
-    token loss, which :class:`~lightning_bergson.GradientCaptureCallback` stores.
+    every supervised token of the batch) and, as ``example_loss``, each example's summed
+    token loss in the graph of that loss: the per-example loss contract of
+    :class:`~lightning_bergson.GradientCaptureCallback`, whose rows are then the gradients
+    of those sums (their means with ``loss_reduction="mean"``).
 
     Args:
         model: A Hugging Face model name, a local directory written by ``save_pretrained``,
@@ -145,6 +110,8 @@ class CausalLMModule(L.LightningModule):
         Without ``vocab_size`` in ``config`` the network is built in ``configure_model``
         with the vocabulary of the trainer's data module (``datamodule.vocab_size``).
     """
+
+    example_loss_is_token_sum = True  # `example_loss` is each example's summed token loss
 
     def __init__(
         self,
@@ -218,7 +185,7 @@ class CausalLMModule(L.LightningModule):
         loss, example_loss = self._losses(batch)
         if self._trainer is not None:  # also usable as a plain function in tests and notebooks
             self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
-        return {"loss": loss, "example_loss": example_loss.detach()}
+        return {"loss": loss, "example_loss": example_loss}
 
     @override
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:

@@ -8,8 +8,12 @@ cannot do cleanly:
   ``example_id`` column get the sampler's dataset rows, and a mid-epoch checkpoint
   records how many batches were trained on, so a resumed run sees exactly the
   examples an uninterrupted run would;
-* ``example_id`` is removed from the batch before ``training_step`` sees it (after the
-  callback read it), so ``self.model(**batch)`` works on Hugging Face models.
+* the ids are taken out of the batch before the LightningModule's ``*_step`` sees it (after
+  the callback read them): batches of types that cannot hold a key arrive unwrapped, and
+  the ``example_id`` key is removed from dict batches, so ``self.model(**batch)`` works on
+  Hugging Face models. A LightningModule that needs the ids itself sets the class attribute
+  ``needs_example_id = True`` (:class:`~lightning_bergson.MagicModule` and
+  :class:`~lightning_bergson.EkfacModule` do) and keeps the key.
 
 Registered names (use them as ``Trainer(strategy=...)`` or ``--trainer.strategy``):
 
@@ -27,6 +31,7 @@ a collective that every rank runs at the same point of every step.
 
 from __future__ import annotations
 
+from collections.abc import MutableMapping
 from typing import Any
 
 import torch
@@ -38,6 +43,7 @@ from lightning.pytorch.strategies import (
 )
 from typing_extensions import override
 
+from .batch import unstamp
 from .loader import ResumableLoader, make_resumable
 
 __all__ = [
@@ -70,10 +76,35 @@ class BergsonStrategyMixin:
         loader = trainer.train_dataloader
         if isinstance(loader, ResumableLoader):
             loader.mark_trained()
-        batch = args[0] if args else kwargs.get("batch")
-        if self.strip_example_id and isinstance(batch, dict):
-            batch.pop(self.example_id_key, None)
+        args, kwargs = self._unstamped(args, kwargs)
         return super().training_step(*args, **kwargs)  # type: ignore[misc]
+
+    @override
+    def validation_step(self, *args: Any, **kwargs: Any) -> Any:
+        args, kwargs = self._unstamped(args, kwargs)
+        return super().validation_step(*args, **kwargs)  # type: ignore[misc]
+
+    @override
+    def test_step(self, *args: Any, **kwargs: Any) -> Any:
+        args, kwargs = self._unstamped(args, kwargs)
+        return super().test_step(*args, **kwargs)  # type: ignore[misc]
+
+    @override
+    def predict_step(self, *args: Any, **kwargs: Any) -> Any:
+        args, kwargs = self._unstamped(args, kwargs)
+        return super().predict_step(*args, **kwargs)  # type: ignore[misc]
+
+    def _unstamped(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """The step's arguments with the batch as the LightningModule should see it."""
+        if args:
+            batch, args = args[0], args[1:]
+        else:
+            batch = kwargs.pop("batch", None)
+        batch = unstamp(batch)
+        keep = getattr(self.lightning_module, "needs_example_id", False)  # type: ignore[attr-defined]
+        if self.strip_example_id and not keep and isinstance(batch, MutableMapping):
+            batch.pop(self.example_id_key, None)
+        return (batch, *args), kwargs
 
 
 class BergsonSingleDeviceStrategy(BergsonStrategyMixin, SingleDeviceStrategy):

@@ -100,3 +100,65 @@ class ToyConv1DNet(nn.Module):
 
     def forward(self, ids: Tensor) -> Tensor:
         return self.out(torch.tanh(self.conv(self.emb(ids))))
+
+
+def per_example_grads(model: nn.Module, inputs: Tensor, loss_fn) -> dict[str, Tensor]:
+    """``torch.func.vmap(grad(...))`` of ``loss_fn(model(x_i[None]))``: name -> ``[B, *shape]``."""
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss_one(p, x):
+        return loss_fn(functional_call(model, p, (x[None],)))
+
+    return vmap(grad(loss_one), in_dims=(None, 0))(params, inputs)
+
+
+def block_grad(grads: dict[str, Tensor], name: str, *, bias: bool = False) -> Tensor:
+    """Per-example ``[B, O, C * prod(k) (+1)]`` gradient of a conv (or Linear) ``name``."""
+    w = grads[f"{name}.weight"].flatten(2)  # (B, O, C * prod(k))
+    if bias:
+        w = torch.cat([w, grads[f"{name}.bias"][..., None]], dim=-1)
+    return w
+
+
+class ToyCNN(nn.Module):
+    """Conv3d -> Conv2d (reflect, dilation) -> grouped Conv2d ('same') -> Conv1d -> Linear.
+
+    Input ``[B, 2, 3, 8, 8]``; covers stride, zero/reflect/circular padding, dilation, groups.
+    """
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.c3d = nn.Conv3d(
+            2, 4, (2, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1), dilation=(1, 1, 2)
+        )
+        self.c2d = nn.Conv2d(8, 6, (2, 3), padding=(1, 2), dilation=(2, 1), padding_mode="reflect")
+        self.grouped = nn.Conv2d(6, 6, 3, groups=3, padding="same")
+        self.c1d = nn.Conv1d(6, 5, 3, stride=2, padding=1, padding_mode="circular")
+        self.fc = nn.Linear(5, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.c3d(x))  # (B, 4, 2, 4, 3)
+        h = torch.tanh(self.c2d(h.flatten(1, 2)))  # (B, 6, 4, 5)
+        h = torch.tanh(self.grouped(h)).flatten(2)  # (B, 6, 20)
+        h = torch.tanh(self.c1d(h))  # (B, 5, 10)
+        return self.fc(h.transpose(1, 2))  # (B, 10, 3)
+
+
+def tiny_gpt2(seed: int = 0, vocab_size: int = 97):
+    """A 2-layer GPT-2 (HF Conv1D layers, fused [q | k | v] c_attn), no dropout."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(
+        vocab_size=vocab_size,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        n_positions=64,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        attn_implementation="eager",
+    )
+    return GPT2LMHeadModel(cfg)

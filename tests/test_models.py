@@ -38,9 +38,13 @@ def test_losses_match_hugging_face():
         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
     )
     torch.testing.assert_close(out["loss"], hf.loss)
+    # The per-example loss contract: each example's summed token loss, in the graph of `loss`.
     torch.testing.assert_close(
-        out["example_loss"], example_losses(hf.logits, batch["labels"], "mean")
+        out["example_loss"], example_losses(hf.logits, batch["labels"], "sum")
     )
+    assert out["example_loss"].requires_grad
+    total = batch["labels"][:, 1:].ne(-100).sum()
+    torch.testing.assert_close(out["loss"], out["example_loss"].sum() / total)
 
 
 def test_config_takes_vocab_from_the_data_module_and_survives_a_checkpoint(tmp_path):

@@ -143,7 +143,7 @@ def test_resume_with_other_capture_settings_is_refused(tmp_path):
     _fit(tmp_path, GradientCaptureCallback(tmp_path / "g.zarr", projection_dim=2))
     cb = GradientCaptureCallback(tmp_path / "g.zarr", projection_dim=4)
     cb.load_state_dict({"path": str(tmp_path / "g.zarr"), "committed_rows": {"0": 4}})
-    mismatch = r"its 'projection' is \{'dim': 2.*this run's is \{'dim': 4"
+    mismatch = r"capture settings differ.*projection_dim: 2 != 4, stored != this run"
     with pytest.raises(ValueError, match=mismatch):
         _fit(tmp_path, cb)
     assert len(GradientStore.open(tmp_path / "g.zarr")) == 8  # untouched

@@ -137,7 +137,11 @@ class Attributor:
     def collector(self, model: nn.Module, closure=None) -> GradientCollector:
         """A :class:`GradientCollector` configured exactly like the store's capture."""
         network = self.prepare(model)
-        collector = GradientCollector(network, **self.settings.collector_kwargs(), closure=closure)
+        collector = GradientCollector(
+            network,
+            **self.settings.collector_kwargs(sorted({b.parent for b in self.store.modules})),
+            closure=closure,
+        )
         check_blocks(self.store.modules, collector.blocks)
         norms = store_normalizers(self.store.path, self.settings, self._normalizer_path)
         collector.set_normalizers(norms)

@@ -1,6 +1,6 @@
 """Does a model (and its query settings) match a gradient store? Refuse clearly if not.
 
-A store records how its rows were made (``GradientCaptureCallback._metadata``): the model
+A store records how its rows were made (:meth:`CaptureSettings.to_attrs`): the model
 fingerprint, the projection ``{dim, seed, kind, scale}``, the normalizer ``{kind, source}``,
 the capture options ``{include, exclude, include_bias, head_cfgs, root}`` and the
 ``loss_reduction``. Query rows are made from exactly these settings
@@ -11,16 +11,15 @@ the model, which :func:`check_model` compares field by field.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from ..capture import HeadConfig
 from ..capture.fingerprint import model_fingerprint
 from ..capture.hooks import Block
 from ..capture.normalizers import Normalizer, convert, load_normalizers
+from ..capture.settings import CaptureSettings, SettingsError
 from ..store import ModuleBlock
 
 __all__ = [
@@ -52,84 +51,27 @@ VOLATILE_CONFIG_KEYS = frozenset(
         "use_cache",
     }
 )
-SUPPORTED_PROJECTION = {"kind": "rademacher", "scale": "jl"}
 
 
 class StoreMismatchError(ValueError):
     """A query model or setting does not match the gradient store it is scored against."""
 
 
-@dataclass(frozen=True)
-class CaptureSettings:
-    """The settings a store's rows were made with, as :class:`GradientCollector` arguments.
+def capture_settings(attrs: Mapping[str, Any]) -> CaptureSettings:
+    """Read :class:`CaptureSettings` from a store's root attributes.
 
     Example:
         >>> s = capture_settings({"projection": {"dim": 8, "seed": 3}, "capture": {}})
         >>> s.projection_dim, s.seed, s.normalizer, s.loss_reduction
         (8, 3, 'none', 'sum')
-    """
-
-    projection_dim: int
-    seed: int
-    include: list[str] = field(default_factory=lambda: ["*"])
-    exclude: list[str] | None = None
-    head_cfgs: dict[str, HeadConfig] = field(default_factory=dict)
-    include_bias: bool = False
-    root: str | None = "auto"
-    normalizer: str = "none"
-    normalizer_source: str = "optimizer"
-    normalizer_path: str | None = None
-    loss_reduction: str = "sum"
-
-    def collector_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of :class:`~lightning_bergson.GradientCollector`."""
-        kwargs: dict[str, Any] = {
-            "projection_dim": self.projection_dim,
-            "seed": self.seed,
-            "include": self.include,
-            "head_cfgs": self.head_cfgs,
-            "include_bias": self.include_bias,
-        }
-        if self.exclude is not None:
-            kwargs["exclude"] = self.exclude
-        return kwargs
-
-
-def capture_settings(attrs: Mapping[str, Any]) -> CaptureSettings:
-    """Read :class:`CaptureSettings` from a store's root attributes.
 
     Raises:
         StoreMismatchError: the store was projected in a way this version cannot reproduce.
     """
-    proj = dict(attrs.get("projection") or {})
-    if "dim" not in proj:
-        raise StoreMismatchError(
-            "the store records no projection settings (attrs['projection']['dim']); it was not "
-            "written by GradientCaptureCallback, so query rows cannot be made to match it. "
-            "Pass query gradients to Attributor.search directly."
-        )
-    for key, want in SUPPORTED_PROJECTION.items():
-        if proj.get(key, want) != want:
-            raise StoreMismatchError(
-                f"the store's projection {key}={proj[key]!r} cannot be reproduced here (only "
-                f"{want!r}); rebuild the store with this version of lightning_bergson"
-            )
-    cap = dict(attrs.get("capture") or {})
-    norm = dict(attrs.get("normalizer") or {})
-    heads = {k: HeadConfig(**v) for k, v in dict(cap.get("head_cfgs") or {}).items()}
-    return CaptureSettings(
-        projection_dim=int(proj["dim"]),
-        seed=int(proj.get("seed", 0)),
-        include=list(cap.get("include") or ["*"]),
-        exclude=list(cap["exclude"]) if cap.get("exclude") is not None else None,
-        head_cfgs=heads,
-        include_bias=bool(cap.get("include_bias", False)),
-        root=cap.get("root", "auto"),
-        normalizer=str(norm.get("kind", "none")),
-        normalizer_source=str(norm.get("source", "optimizer")),
-        normalizer_path=norm.get("path"),
-        loss_reduction=str(attrs.get("loss_reduction", "sum")),
-    )
+    try:
+        return CaptureSettings.from_attrs(attrs)
+    except SettingsError as err:
+        raise StoreMismatchError(str(err)) from err
 
 
 def resolve_network(model: nn.Module, root: str | None) -> nn.Module:

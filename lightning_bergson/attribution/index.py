@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from ..callbacks import GradientCaptureCallback
-from ..models import batch_losses
+from ..losses import batch_losses
 from .compat import resolve_network
 from .loading import load_model
 
@@ -30,9 +30,10 @@ __all__ = ["IndexModule"]
 class IndexModule(L.LightningModule):
     """Backpropagate a trained causal LM's loss over a dataset without updating it.
 
-    The loss is Hugging Face's batch mean over supervised tokens (as ``CausalLMModule``),
-    matching the capture callback's default ``batch_reduction="token_mean"``. Dropout is
-    off (the network runs in eval mode).
+    The loss is Hugging Face's batch mean over supervised tokens (as ``CausalLMModule``);
+    the capture callback measures each example's scale in it (the causal-LM rule), so the
+    rows are the gradients of each document's summed token loss. Dropout is off (the
+    network runs in eval mode).
 
     Args:
         model: A Lightning checkpoint of a ``CausalLMModule`` (a ``.ckpt`` file or a
@@ -91,7 +92,7 @@ class IndexModule(L.LightningModule):
         for p in self.model.parameters():
             p.grad = None  # nothing accumulates: there is no optimizer step
         self.log("index/loss", loss.detach(), prog_bar=True, batch_size=len(example_loss))
-        return {"loss": loss.detach(), "example_loss": example_loss.detach()}
+        return {"loss": loss.detach()}  # the callback stores the causal-LM losses itself
 
     @override
     def configure_optimizers(self) -> Any:

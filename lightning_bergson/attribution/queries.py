@@ -9,19 +9,18 @@ conditions, the answer is scored).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
-from ..data import collate_batch, tokenize_texts
-from ..models import causal_lm_losses
+from ..batch import collate_batch
+from ..data import tokenize_texts
+from ..losses import LossFn, causal_lm_loss_fn
 
 __all__ = ["LossFn", "causal_lm_query_losses", "query_batch"]
-
-LossFn = Callable[[nn.Module, Mapping[str, Tensor]], Tensor]
-"""``loss_fn(network, batch) -> [B]``: each query's own loss."""
 
 
 def query_batch(
@@ -77,26 +76,14 @@ def query_batch(
 def causal_lm_query_losses(reduction: str) -> LossFn:
     """Per-query causal-LM loss ``[B]``: summed (``"sum"``) or mean supervised token loss.
 
-    The network is called as ``network(input_ids=..., attention_mask=...)`` and must return
-    logits (a tensor or an object with ``.logits``).
+    The default ``loss_fn`` of :meth:`Attributor.query_gradients` (see
+    :func:`lightning_bergson.losses.causal_lm_loss_fn`, which refuses other batches).
     """
-    if reduction not in ("sum", "mean"):
-        raise ValueError(f"loss reduction {reduction!r} is not one of 'sum', 'mean'")
-
-    def loss_fn(network: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
-        out = network(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
-        logits = out if isinstance(out, Tensor) else out.logits  # (B, S, V)
-        labels = batch.get("labels")
-        if labels is None:
-            labels = batch["input_ids"]
-            if batch.get("attention_mask") is not None:
-                labels = labels.masked_fill(batch["attention_mask"] == 0, -100)
-        sums, counts = causal_lm_losses(logits, labels.to(logits.device))  # (B,), (B,)
-        return sums if reduction == "sum" else sums / counts.clamp(min=1)
-
-    return loss_fn
+    return causal_lm_loss_fn(reduction)
 
 
-def to_device(batch: Mapping[str, Tensor], device: torch.device) -> dict[str, Tensor]:
-    """Tensors of ``batch`` moved to ``device`` (other values kept)."""
-    return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+def to_device(batch: Any, device: torch.device) -> Any:
+    """Every tensor of ``batch`` (mappings, sequences, dataclasses, tensors) moved to ``device``."""
+    from lightning.fabric.utilities.apply_func import move_data_to_device
+
+    return move_data_to_device(batch, device)

@@ -1,4 +1,4 @@
-"""Per-example (projected, normalized) gradients of Linear layers from module hooks.
+"""Per-example (projected, normalized) gradients of Linear and conv layers from module hooks.
 
 For a linear layer with per-token input ``a`` ``[B, S, I]`` and output gradient
 ``g`` ``[B, S, O]``, example ``i``'s weight gradient is ``G_i = sum_t g_it a_it^T``.
@@ -10,6 +10,10 @@ tensor hook receives ``g`` during backward and turns ``(a, g)`` into rows:
 * exact (``projection_dim=0``): ``vec(G_i)``;
 * Adafactor normalizer: ``g`` and ``a`` are scaled per feature first (exact, free);
 * Adam normalizer: ``G_i`` is formed, divided elementwise, then projected.
+
+``nn.Conv1d/2d/3d`` inputs are unfolded into patches first (see :mod:`.conv`), so a
+convolution is a Linear over ``[B, positions, C/groups * prod(k)]`` and its block is
+``weight.reshape(O, -1)``'s gradient. Which modules are hooked: :mod:`.selection`.
 
 Tensor hooks on the output (rather than full backward hooks) keep working with
 in-place operations elsewhere in the model.
@@ -33,14 +37,14 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
+from .conv import CONV_TYPES, grouped_gradient, grouped_projection, output_gradient, patches
 from .heads import HeadConfig
 from .normalizers import AdafactorNormalizer, AdamNormalizer, Normalizer
 from .projection import ProjectionCache
+from .selection import DEFAULT_EXCLUDE, select_modules, trackable_modules
+from .selection import features as _features
 
-__all__ = ["DEFAULT_EXCLUDE", "Block", "GradientCollector", "trackable_modules"]
-
-DEFAULT_EXCLUDE: tuple[str, ...] = ("lm_head", "*.lm_head", "embed_out", "*.embed_out")
-"""Output embeddings are skipped by default: vocabulary-sized, and tied to the input embedding."""
+__all__ = ["DEFAULT_EXCLUDE", "Block", "GradientCollector", "select_modules", "trackable_modules"]
 
 Closure = Callable[[str, Tensor], None]
 
@@ -55,57 +59,6 @@ class Block:
     head: int | None
 
 
-def _is_conv1d(module: nn.Module) -> bool:
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
-
-
-def trackable_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """All ``nn.Linear`` and HF ``Conv1D`` submodules, by qualified name."""
-    return {
-        name: mod
-        for name, mod in model.named_modules()
-        if name and (isinstance(mod, nn.Linear) or _is_conv1d(mod))
-    }
-
-
-def _features(module: nn.Module) -> tuple[int, int]:
-    """``(out_features, in_features)`` of a Linear or HF Conv1D."""
-    if _is_conv1d(module):
-        return int(module.nf), int(module.weight.shape[0])
-    return int(module.out_features), int(module.in_features)
-
-
-def select_modules(
-    model: nn.Module, include: Sequence[str], exclude: Sequence[str]
-) -> dict[str, nn.Module]:
-    """Trackable modules matching any ``include`` glob and no ``exclude`` glob.
-
-    Raises:
-        ValueError: an include pattern matches no trackable module, or nothing is left.
-    """
-    candidates = trackable_modules(model)
-    available = ", ".join(list(candidates)[:8]) + (", ..." if len(candidates) > 8 else "")
-    for pattern in include:
-        if not fnmatch.filter(candidates, pattern):
-            raise ValueError(
-                f"module pattern {pattern!r} matches no nn.Linear/Conv1D module of "
-                f"{type(model).__name__}; available modules include: {available}. "
-                "Patterns are fnmatch globs over qualified names, e.g. '*.mlp.*'."
-            )
-    selected = {
-        name: mod
-        for name, mod in candidates.items()
-        if any(fnmatch.fnmatchcase(name, p) for p in include)
-        and not any(fnmatch.fnmatchcase(name, p) for p in exclude)
-    }
-    if not selected:
-        raise ValueError(
-            f"include={list(include)} and exclude={list(exclude)} leave no module to track; "
-            f"available modules include: {available}"
-        )
-    return selected
-
-
 class _Plan:
     """Everything one module's hook needs, computed once."""
 
@@ -114,6 +67,7 @@ class _Plan:
         name: str,
         module: nn.Module,
         *,
+        parent: nn.Module,
         head_cfg: HeadConfig | None,
         include_bias: bool,
         projection_dim: int,
@@ -122,14 +76,14 @@ class _Plan:
         self.name = name
         self.bias = include_bias and getattr(module, "bias", None) is not None
         self.out_f, self.in_f = out_f, in_f + int(self.bias)
+        self.conv = module if isinstance(module, CONV_TYPES) else None
+        self.groups = int(module.groups) if self.conv is not None else 1
         self.head_cfg = head_cfg
         if head_cfg is not None:
-            head_cfg.check(name, out_features=out_f, in_features=in_f)
-            if self.bias and head_cfg.axis == "input":
-                raise ValueError(
-                    f"module {name!r}: include_bias cannot be combined with an input-axis "
-                    "HeadConfig (the bias belongs to no head); set include_bias=False"
-                )
+            self._check_heads(parent, head_cfg, out_f, in_f)
+        split_size = out_f if head_cfg is None or head_cfg.axis == "output" else in_f
+        order = head_cfg.permutation(split_size) if head_cfg else None
+        self.perm = None if order is None else torch.tensor(order)
         self.num_heads = head_cfg.num_heads if head_cfg else 1
         self.split_output = head_cfg is None or head_cfg.axis == "output"
         heads = self.num_heads
@@ -147,9 +101,30 @@ class _Plan:
             for h in range(heads)
         ]
 
+    def _check_heads(self, parent: nn.Module, cfg: HeadConfig, out_f: int, in_f: int) -> None:
+        cfg.check(self.name, out_features=out_f, in_features=in_f)
+        cfg.check_fused(self.name, parent, out_features=out_f)
+        if self.bias and cfg.axis == "input":
+            raise ValueError(
+                f"module {self.name!r}: include_bias cannot be combined with an input-axis "
+                "HeadConfig (the bias belongs to no head); set include_bias=False"
+            )
+        if self.groups > 1:
+            raise ValueError(
+                f"module {self.name!r} is a grouped convolution (groups={self.groups}): its "
+                "block is not split into heads; drop it from head_cfgs"
+            )
+
+    def permutation(self, device: torch.device) -> Tensor:
+        """The head-gathering order of the split axis on ``device``."""
+        assert self.perm is not None
+        if self.perm.device != device:
+            self.perm = self.perm.to(device)
+        return self.perm
+
 
 class GradientCollector:
-    """Context manager that captures per-example gradients of Linear/Conv1D layers.
+    """Context manager that captures per-example gradients of Linear/Conv1D/ConvNd layers.
 
     Framework-free: the Lightning callback and the query side both use it, so
     training rows and query rows are processed identically.
@@ -158,8 +133,10 @@ class GradientCollector:
         model: The model whose submodules are hooked; block names are relative to it.
         projection_dim: ``p`` of the two-sided projection; 0 keeps exact gradients.
         seed: Projection seed (matrices depend only on seed, block name and shape).
-        include: fnmatch globs of module names to track.
-        exclude: fnmatch globs of module names to skip.
+        include: fnmatch globs of module names to track, frozen modules too (``("*",)``:
+            every trackable module); ``None`` (default) tracks the trackable modules whose
+            weight requires grad, e.g. only the adapters of a PEFT LoRA model.
+        exclude: fnmatch globs of module names to skip (default: output embeddings).
         head_cfgs: Module name (or glob) -> :class:`HeadConfig` splitting it into heads.
         include_bias: Append the bias gradient as an extra input column.
         normalizers: Module name -> Adam/Adafactor normalizer (``[out, in(+1)]``).
@@ -184,7 +161,7 @@ class GradientCollector:
         *,
         projection_dim: int = 16,
         seed: int = 0,
-        include: Sequence[str] = ("*",),
+        include: Sequence[str] | None = None,
         exclude: Sequence[str] = DEFAULT_EXCLUDE,
         head_cfgs: Mapping[str, HeadConfig] | None = None,
         include_bias: bool = False,
@@ -196,11 +173,15 @@ class GradientCollector:
             raise ValueError(f"projection_dim must be >= 0 (0 = exact), got {projection_dim}")
         self.model = model
         self.projection_dim = projection_dim
-        self.modules = select_modules(model, include, exclude)
+        self.include = None if include is None else tuple(include)
+        self.exclude = tuple(exclude)
+        self.include_bias = include_bias
+        self.modules = select_modules(model, self.include, self.exclude)
         self.plans = {
             name: _Plan(
                 name,
                 mod,
+                parent=model.get_submodule(name.rpartition(".")[0]),
                 head_cfg=_head_cfg_for(name, head_cfgs or {}),
                 include_bias=include_bias,
                 projection_dim=projection_dim,
@@ -284,28 +265,46 @@ class GradientCollector:
                 self.gradients[block.name] = row
 
     def compute_rows(self, name: str, a: Tensor, g: Tensor) -> list[Tensor]:
-        """Rows ``[B, D_block]`` of each block of module ``name`` from ``a`` and ``g``."""
+        """Rows ``[B, D_block]`` of each block of module ``name`` from ``a`` and ``g``.
+
+        ``a`` is the module's input and ``g`` its output gradient as the hooks saw them
+        (for a convolution ``[B, C, *spatial]`` and ``[B, O, *positions]``).
+        """
         plan = self.plans[name]
         dtype = torch.float64 if torch.float64 in (a.dtype, g.dtype) else torch.float32
+        if plan.conv is not None:
+            a = patches(plan.conv, a.to(dtype))  # (B, P, C * prod(k))
+            g = output_gradient(plan.conv, g.to(dtype))  # (B, P, O)
         batch = g.shape[0]
         a = a.reshape(batch, -1, a.shape[-1]).to(dtype)  # (B, S, I)
         g = g.reshape(batch, -1, g.shape[-1]).to(dtype)  # (B, S, O)
+        if plan.groups > 1:
+            a = a.view(batch, a.shape[1], plan.groups, -1)  # (B, S, G, I / G)
         if plan.bias:
-            a = torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1)  # (B, S, I+1)
+            a = torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1)  # (B, S, [G,] I+1)
         norm = self.normalizers.get(name)
         if isinstance(norm, AdafactorNormalizer):
             row_scale, col_scale = norm.scales(dtype, g.device)
             g, a = g * row_scale, a * col_scale
         if isinstance(norm, AdamNormalizer) or not self.projection_dim:
-            full = torch.bmm(g.transpose(1, 2), a)  # (B, O, I)
+            grouped = plan.groups > 1
+            full = (
+                grouped_gradient(a, g) if grouped else torch.bmm(g.transpose(1, 2), a)
+            )  # (B, O, I)
             if isinstance(norm, AdamNormalizer):
                 full = norm.normalize(full)
             return self._split_full(plan, full)
+        if plan.groups > 1:
+            lefts = self._matrices(plan, "left", plan.head_out, g)  # (1, p, O)
+            rights = self._matrices(plan, "right", plan.head_in, g)  # (1, p, I)
+            return [grouped_projection(a, g, lefts[0], rights[0])]
         return self._project_factored(plan, a, g)
 
     def _split_full(self, plan: _Plan, full: Tensor) -> list[Tensor]:
         """Per-head rows of full per-example gradients ``[B, O, I]``, projected if asked."""
         batch, heads = full.shape[0], plan.num_heads
+        if plan.perm is not None:  # gather each head's slices of every section
+            full = full.index_select(1 if plan.split_output else 2, plan.permutation(full.device))
         if plan.split_output:
             parts = full.view(batch, heads, plan.head_out, plan.head_in)  # (B, H, o, I)
         else:
@@ -319,6 +318,11 @@ class GradientCollector:
     def _project_factored(self, plan: _Plan, a: Tensor, g: Tensor) -> list[Tensor]:
         """``(g L^T)^T (a R^T)`` for every head at once, never forming ``[B, O, I]``."""
         batch, seq, heads, p = g.shape[0], g.shape[1], plan.num_heads, self.projection_dim
+        if plan.perm is not None:  # gather each head's slices of every section
+            if plan.split_output:
+                g = g.index_select(-1, plan.permutation(g.device))  # (B, S, O)
+            else:
+                a = a.index_select(-1, plan.permutation(a.device))  # (B, S, I)
         lefts = self._matrices(plan, "left", plan.head_out, g)  # (H, p, o)
         rights = self._matrices(plan, "right", plan.head_in, g)  # (H, p, i)
         if plan.split_output:

@@ -11,6 +11,13 @@ That is the denominator the optimizer itself used for that update:
   (no bias correction: Adafactor's ``beta2_t = 1 - t^-0.8`` schedule needs none).
 * ``transformers.optimization.Adafactor``: ``exp_avg_sq_row``/``exp_avg_sq_col``.
 
+Convolution weights ``[O, C, k_1, ..., k_n]`` are read as their block ``[O, C * prod(k)]``.
+Adam's ``exp_avg_sq`` is simply reshaped. Adafactor factors a ``>2``-D weight over its
+*last two* dims (``row_var`` ``[O, C, ..., k_{n-1}, 1]``, ``col_var`` ``[O, C, ..., 1, k_n]``),
+which is not a factorization of the block, so its full estimate is rebuilt exactly as
+the optimizer forms it for its update (torch: ``max(r c / max(mean r, eps1), eps1^2)``;
+transformers: ``r c / mean r``) and reshaped to ``[O, C * prod(k)]``.
+
 An Adam state requested as ``"adafactor"`` is factored by row and column means;
 an Adafactor state requested as ``"adam"`` is materialized as ``r c^T / mean(r)``.
 """
@@ -23,13 +30,22 @@ import torch
 from torch import Tensor, nn
 
 from .normalizers import AdafactorNormalizer, AdamNormalizer, Normalizer, convert
+from .selection import is_hf_conv1d
 
 __all__ = ["normalizers_from_optimizer"]
 
 
 def _transposed(module: nn.Module) -> bool:
     """HF ``Conv1D`` stores its weight ``[in, out]``."""
-    return type(module).__name__ == "Conv1D"
+    return is_hf_conv1d(module)
+
+
+def _as_block(x: Tensor, transposed: bool) -> Tensor:
+    """A weight-shaped tensor as its ``[O, I]`` block.
+
+    HF Conv1D stores ``[in, out]``; a convolution ``[O, C, *k]`` flattens to ``[O, C * prod(k)]``.
+    """
+    return x.T if transposed else x.reshape(x.shape[0], -1)
 
 
 def _moment(x: Tensor) -> Tensor:
@@ -61,13 +77,16 @@ def _weight_moment(
         v = state["max_exp_avg_sq"] if group.get("amsgrad") else state["exp_avg_sq"]
         step = float(state["step"])
         v_hat = _moment(v) / (1.0 - group["betas"][1] ** step)
-        return AdamNormalizer(v_hat.T if transposed else v_hat, eps=float(group["eps"]))
+        return AdamNormalizer(_as_block(v_hat, transposed), eps=float(group["eps"]))
     for row_key, col_key in (("row_var", "col_var"), ("exp_avg_sq_row", "exp_avg_sq_col")):
         if row_key in state:
-            rows = _moment(state[row_key]).reshape(-1)  # over the param's dim -2
-            cols = _moment(state[col_key]).reshape(-1)  # over the param's dim -1
             eps1 = group["eps"][0] if isinstance(group["eps"], (tuple, list)) else None
             eps1 = torch.finfo(weight.dtype).eps if eps1 is None else float(eps1)
+            row, col = _moment(state[row_key]), _moment(state[col_key])
+            if weight.dim() > 2:
+                return AdamNormalizer(_full_adafactor(row, col, row_key, eps1), eps=0.0)
+            rows = row.reshape(-1)  # over the param's dim -2
+            cols = col.reshape(-1)  # over the param's dim -1
             r, c = (cols, rows) if transposed else (rows, cols)
             return AdafactorNormalizer(r, c, eps=eps1)
     raise ValueError(
@@ -75,6 +94,25 @@ def _weight_moment(
         f"{sorted(state)}); optimizer normalizers need Adam/AdamW or Adafactor, and the "
         "state exists only after the first optimizer step"
     )
+
+
+def _full_adafactor(row: Tensor, col: Tensor, row_key: str, eps1: float) -> Tensor:
+    """The second-moment estimate Adafactor divides a ``>2``-D weight's gradient by, as a block.
+
+    Args:
+        row: torch ``row_var`` ``[..., R, 1]`` or transformers ``exp_avg_sq_row`` ``[..., R]``.
+        col: torch ``col_var`` ``[..., 1, C]`` or transformers ``exp_avg_sq_col`` ``[..., C]``.
+        row_key: Which optimizer's state this is (``"row_var"``: torch).
+        eps1: torch's clamp of ``mean(r)`` and of the estimate (``eps1^2``).
+    """
+    if row_key == "row_var":  # torch.optim.Adafactor
+        full = row @ col  # (O, ..., R, C)
+        full = full / row.mean(dim=-2, keepdim=True).clamp(min=eps1)
+        full = full.clamp(min=eps1 * eps1)
+    else:  # transformers Adafactor: r / mean(r) over the last dim, times c
+        r_hat = row / row.mean(dim=-1, keepdim=True)  # (O, ..., R)
+        full = r_hat[..., None] * col[..., None, :]  # (O, ..., R, C)
+    return full.reshape(full.shape[0], -1)  # (O, C * prod(k))
 
 
 def _bias_moment(optimizer: torch.optim.Optimizer, bias: Tensor) -> Tensor:
@@ -100,6 +138,19 @@ def _with_bias(norm: Normalizer, bias_v: Tensor) -> Normalizer:
     return AdafactorNormalizer(norm.row, col, eps=norm.eps)
 
 
+def _check_handled(optimizer: torch.optim.Optimizer, name: str, module: nn.Module) -> None:
+    """Refuse a module whose weight the optimizer does not update (frozen, or another group)."""
+    weight = module.weight
+    if any(p is weight for group in optimizer.param_groups for p in group["params"]):
+        return
+    why = "is frozen (requires_grad=False)" if not weight.requires_grad else "is in no param group"
+    raise ValueError(
+        f"module {name!r}: its weight {why}, so the optimizer keeps no state to normalize it "
+        "with. Frozen modules need normalizer='none' or normalizer_source='file' (or drop them "
+        "from include; include=None selects only modules whose weight requires grad)"
+    )
+
+
 def normalizers_from_optimizer(
     optimizer: torch.optim.Optimizer,
     modules: Mapping[str, nn.Module],
@@ -111,15 +162,20 @@ def normalizers_from_optimizer(
 
     Args:
         optimizer: A torch optimizer (not Lightning's wrapper) after at least one step.
-        modules: Module name -> ``nn.Linear`` or HF ``Conv1D``.
+        modules: Module name -> ``nn.Linear``, HF ``Conv1D`` or ``nn.Conv1d/2d/3d``.
         kind: ``"adam"`` or ``"adafactor"``: the form of the returned normalizers.
         include_bias: Append the bias second moment as a last column.
 
     Returns:
         Module name -> normalizer in ``[out, in(+1)]`` orientation.
+
+    Raises:
+        ValueError: naming the module, when its weight is not handled by ``optimizer``
+            (frozen) or the optimizer keeps no second moment for it.
     """
     result: dict[str, Normalizer] = {}
     for name, module in modules.items():
+        _check_handled(optimizer, name, module)
         try:
             norm = _weight_moment(optimizer, module.weight, _transposed(module))
             if include_bias and module.bias is not None:

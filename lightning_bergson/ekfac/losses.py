@@ -17,26 +17,21 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..models import causal_lm_losses
+from ..batch import causal_lm_labels
+from ..losses import causal_lm_losses
 
 __all__ = ["batch_labels", "lm_example_losses", "sample_labels"]
 
 
 def batch_labels(batch: dict[str, Any]) -> Tensor:
     """``labels`` of the batch, else ``input_ids`` with -100 where ``attention_mask`` is 0."""
-    labels = batch.get("labels")
-    if labels is not None:
-        return labels
-    if "input_ids" not in batch:
+    if "labels" not in batch and "input_ids" not in batch:
         raise KeyError(
             f"EK-FAC needs batches with 'input_ids' (and 'labels', -100 = ignored); got keys "
             f"{sorted(batch)}. Use lightning_bergson.TextDataModule or override "
             "EkfacModule.example_losses for other models."
         )
-    labels = batch["input_ids"]
-    if batch.get("attention_mask") is not None:
-        labels = labels.masked_fill(batch["attention_mask"] == 0, -100)
-    return labels
+    return causal_lm_labels(batch)
 
 
 def _example_seed(seed: int, salt: int, example_id: int) -> int:

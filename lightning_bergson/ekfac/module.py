@@ -25,6 +25,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
+from ..capture.conv import CONV_TYPES
 from ..capture.fingerprint import model_fingerprint
 from ..capture.hooks import DEFAULT_EXCLUDE, _features, select_modules
 from .accumulate import CovarianceSums, LambdaSums, finalize_covariances, finalize_lambda
@@ -93,6 +94,8 @@ class EkfacModule(ScoringMixin, L.LightningModule):
         2023, arXiv:2308.03296.
     """
 
+    needs_example_id = True  # the Bergson strategies keep batch["example_id"] for it
+
     def __init__(
         self,
         model: str | nn.Module | None = None,
@@ -158,6 +161,13 @@ class EkfacModule(ScoringMixin, L.LightningModule):
         net = self.network
         if self._tracked is None or self._tracked[0] is not net:
             mods = select_modules(net, self.hparams.include, self.hparams.exclude)
+            convs = [n for n, m in mods.items() if isinstance(m, CONV_TYPES)]
+            if convs:
+                rank_zero_warn(
+                    f"EK-FAC factors cover nn.Linear and HF Conv1D only; the conv modules "
+                    f"{convs[:6]} are not tracked (exclude them to silence this warning)"
+                )
+                mods = {n: m for n, m in mods.items() if n not in convs}
             bias = self.hparams.include_bias
             flags = {n: bias and getattr(m, "bias", None) is not None for n, m in mods.items()}
             self._tracked = (net, flags)

@@ -29,8 +29,10 @@ from typing import Literal
 
 import torch
 import torchopt
-from torch import Tensor, nn
+from torch import Tensor
 from torchopt.typing import GradientTransformation
+
+from ..losses import token_losses
 
 __all__ = [
     "SCHEDULES",
@@ -50,28 +52,6 @@ SCHEDULES: tuple[str, ...] = ("all", "sqrt", "log")
 Granularity = Literal["example", "token"]
 
 
-def token_losses(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    """Token losses aligned with input positions, and the mask of supervised positions.
-
-    Args:
-        logits: ``[B, S, V]``; position ``t`` predicts token ``t + 1``.
-        labels: ``[B, S]`` with ``-100`` at ignored positions.
-
-    Returns:
-        ``(loss [B, S], mask [B, S])``: ``loss[:, t]`` is the loss of predicting
-        ``labels[:, t]`` (0 at ``t = 0`` and at ignored positions).
-    """
-    if logits.dtype not in (torch.float32, torch.float64):
-        logits = logits.float()  # half-precision cross entropy loses the small differences
-    loss = nn.functional.cross_entropy(
-        logits[:, :-1].transpose(1, 2), labels[:, 1:], ignore_index=-100, reduction="none"
-    )  # (B, S-1)
-    loss = nn.functional.pad(loss, (1, 0))  # (B, S)
-    mask = labels != -100
-    mask[:, 0] = False
-    return loss, mask
-
-
 def weighted_lm_loss(logits: Tensor, labels: Tensor, weights: Tensor | None = None) -> Tensor:
     """Weighted causal-LM cross entropy; unit weights give Hugging Face's batch mean.
 
@@ -86,7 +66,8 @@ def weighted_lm_loss(logits: Tensor, labels: Tensor, weights: Tensor | None = No
 
     Example:
         >>> logits, labels = torch.randn(2, 4, 5), torch.randint(0, 5, (2, 4))
-        >>> hf = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 5), labels[:, 1:].ravel())
+        >>> ce = torch.nn.functional.cross_entropy
+        >>> hf = ce(logits[:, :-1].reshape(-1, 5), labels[:, 1:].ravel())
         >>> torch.allclose(weighted_lm_loss(logits, labels, torch.ones(2)), hf)
         True
     """

@@ -121,6 +121,8 @@ class MagicModule(L.LightningModule):
         torch.Size([1, 4])
     """
 
+    needs_example_id = True  # the Bergson strategies keep batch["example_id"] for it
+
     def __init__(
         self,
         model: str | nn.Module | None = None,

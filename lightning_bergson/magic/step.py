@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torchopt.pytree import tree_flatten, tree_unflatten
 
+from ..batch import causal_lm_labels
 from .functional import (
     Granularity,
     OptimizerConfig,
@@ -194,12 +195,7 @@ def training_mode(model: nn.Module, training: bool) -> Iterator[None]:
 
 
 def _labels(batch: Mapping[str, Tensor]) -> Tensor:
-    labels = batch.get("labels")
-    if labels is not None:
-        return labels
-    ids = batch["input_ids"]
-    mask = batch.get("attention_mask")
-    return ids if mask is None else ids.masked_fill(mask == 0, -100)
+    return causal_lm_labels(batch)
 
 
 def _accepts_use_cache(model: nn.Module) -> bool:

@@ -1,0 +1,147 @@
+"""Per-example losses: the causal-LM loss, its batch reductions, and the ``loss_fn`` contract.
+
+One home for the shifted causal-LM cross entropy (token ``t`` predicts ``labels[:, t + 1]``,
+``-100`` ignored, as in Hugging Face) that training, capture, queries, EK-FAC and MAGIC use.
+
+The query-side contract for any model is :data:`LossFn`: ``loss_fn(model, batch) -> [B]``,
+each example's own loss, whose gradient is the query row (the training side's contract is
+``training_step`` returning ``{"loss": ..., "example_loss": [B]}``).
+
+Example:
+    >>> logits, labels = torch.zeros(2, 3, 4), torch.tensor([[1, 2, 3], [0, 1, -100]])
+    >>> sums, counts = causal_lm_losses(logits, labels)
+    >>> counts.tolist(), torch.allclose(sums, counts * torch.log(torch.tensor(4.0)))
+    ([2, 1], True)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .batch import IGNORE_INDEX, causal_lm_labels, lm_fields
+
+__all__ = [
+    "LossFn",
+    "LossFnContractError",
+    "batch_losses",
+    "causal_lm_loss_fn",
+    "causal_lm_losses",
+    "network_logits",
+    "token_losses",
+]
+
+LossFn = Callable[[nn.Module, Any], Tensor]
+"""``loss_fn(network, batch) -> [B]``: each example's own loss (in the graph of the network)."""
+
+
+class LossFnContractError(TypeError):
+    """The default causal-LM loss was asked for on a batch that is not a causal-LM batch."""
+
+
+def _float_logits(logits: Tensor) -> Tensor:
+    """Half-precision logits upcast to float32; float32/float64 kept (exact runs)."""
+    return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+
+
+def token_losses(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Token losses aligned with input positions, and the mask of supervised positions.
+
+    Args:
+        logits: ``[B, S, V]``; position ``t`` predicts token ``t + 1``.
+        labels: ``[B, S]`` with ``-100`` at ignored positions.
+
+    Returns:
+        ``(loss [B, S], mask [B, S])``: ``loss[:, t]`` is the loss of predicting
+        ``labels[:, t]`` (0 at ``t = 0`` and at ignored positions).
+    """
+    loss = nn.functional.cross_entropy(
+        _float_logits(logits)[:, :-1].transpose(1, 2),
+        labels[:, 1:],
+        ignore_index=IGNORE_INDEX,
+        reduction="none",
+    )  # (B, S-1)
+    loss = nn.functional.pad(loss, (1, 0))  # (B, S)
+    mask = labels != IGNORE_INDEX
+    mask[:, 0] = False
+    return loss, mask
+
+
+def causal_lm_losses(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-example summed token losses and supervised-token counts.
+
+    Args:
+        logits: ``[B, S, V]``.
+        labels: ``[B, S]``.
+
+    Returns:
+        ``(sums [B], counts [B])``.
+    """
+    target = labels[:, 1:]  # (B, S-1)
+    token_loss = nn.functional.cross_entropy(
+        _float_logits(logits)[:, :-1].transpose(1, 2),
+        target,
+        ignore_index=IGNORE_INDEX,
+        reduction="none",
+    )  # (B, S-1)
+    return token_loss.sum(1), (target != IGNORE_INDEX).sum(1)
+
+
+def batch_losses(logits: Tensor, batch: Any) -> tuple[Tensor, Tensor]:
+    """Hugging Face's batch loss (mean over supervised tokens) and each example's summed loss.
+
+    ``loss`` is a function of ``example_loss`` only (``sum(example_loss) / tokens``), so a
+    ``training_step`` returning both fulfils the per-example loss contract.
+
+    Returns:
+        ``(loss [], example_loss [B])``, both in the graph of ``logits``.
+    """
+    sums, counts = causal_lm_losses(logits, causal_lm_labels(batch))  # (B,), (B,)
+    return sums.sum() / counts.sum().clamp(min=1), sums
+
+
+def network_logits(network: nn.Module, batch: Any) -> Tensor:
+    """Logits ``[B, S, V]`` of a Hugging Face-style causal LM called on a batch mapping."""
+    out = network(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
+    return out if isinstance(out, Tensor) else out.logits
+
+
+def causal_lm_loss_fn(reduction: str = "sum") -> LossFn:
+    """The default query loss: each example's summed (or mean) supervised-token loss ``[B]``.
+
+    The network is called as ``network(input_ids=..., attention_mask=...)`` and must return
+    logits (a tensor or an object with ``.logits``).
+
+    Raises:
+        LossFnContractError: (when called) the batch is not a causal-LM batch; the message
+            shows the ``loss_fn`` to pass instead.
+    """
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"loss reduction {reduction!r} is not one of 'sum', 'mean'")
+
+    def loss_fn(network: nn.Module, batch: Any) -> Tensor:
+        fields = lm_fields(batch)
+        if fields is None:
+            raise LossFnContractError(_contract_message(batch))
+        logits = network_logits(network, batch)  # (B, S, V)
+        sums, counts = causal_lm_losses(logits, fields[1].to(logits.device))  # (B,), (B,)
+        return sums if reduction == "sum" else sums / counts.clamp(min=1)
+
+    return loss_fn
+
+
+def _contract_message(batch: Any) -> str:
+    kind = type(batch).__name__
+    if isinstance(batch, dict):
+        kind += f" with keys {sorted(map(str, batch))}"
+    return (
+        f"the default causal-LM query loss needs a mapping with 2-D 'input_ids' and optional "
+        f"'labels' of the same shape, but got a {kind}. For any other model pass "
+        "loss_fn(model, batch) -> [B], each example's own loss, e.g. for a classifier:\n"
+        "    loss_fn = lambda model, b: torch.nn.functional.cross_entropy(\n"
+        "        model(**{k: v for k, v in b.items() if k != 'labels'}).logits, b['labels'],\n"
+        "        reduction='none')"
+    )

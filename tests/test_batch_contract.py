@@ -1,0 +1,203 @@
+"""The batch contract: ids in any batch type, stripping only what the strategy added,
+modules that need ids keeping them, and the pure scaling rule against closed forms."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import lightning.pytorch as L
+import pytest
+import torch
+from magic_oracles import tiny_batches, tiny_model, tiny_query
+from oracles import lm_batch
+from torch.nn import functional as F
+from torch.utils.data import DataLoader
+
+from lightning_bergson import CausalLMModule, EkfacModule, MagicModule
+from lightning_bergson.batch import (
+    IdStamped,
+    MissingExampleIdError,
+    batch_size,
+    causal_lm_labels,
+    example_ids,
+    lm_fields,
+    stamp,
+    supervised_tokens,
+    unstamp,
+)
+from lightning_bergson.capture.heads import HeadConfig
+from lightning_bergson.capture.scaling import declared_scales, lm_logit_scales, row_scales
+from lightning_bergson.capture.settings import CaptureSettings
+from lightning_bergson.loader import make_resumable
+
+
+@dataclasses.dataclass
+class Pair:
+    x: torch.Tensor
+    y: torch.Tensor
+
+
+def _batches():
+    from transformers import BatchEncoding
+
+    x = torch.arange(6).reshape(3, 2)
+    return {
+        "dict": {"x": x},
+        "tuple": (x, x),
+        "list": [x, x],
+        "tensor": x,
+        "batch_encoding": BatchEncoding({"input_ids": x}),
+        "dataclass": Pair(x, x),
+    }
+
+
+@pytest.mark.parametrize("kind", list(_batches()))
+def test_every_batch_type_is_stamped_and_unstamped_unchanged(kind):
+    batch = _batches()[kind]
+    ids = torch.tensor([4, 8, 15])
+    stamped, added = stamp(batch, ids)
+    assert added and example_ids(stamped).tolist() == [4, 8, 15]
+    assert batch_size(stamped) == 3
+    inner = unstamp(stamped)
+    if kind in ("dict", "batch_encoding"):  # mappings carry the key itself
+        assert inner is batch and inner["example_id"] is ids
+    else:
+        assert inner is batch and isinstance(stamped, IdStamped)
+
+
+def test_an_existing_key_is_kept_and_missing_ids_name_the_fix():
+    batch = {"example_id": torch.tensor([1]), "x": torch.zeros(1)}
+    assert stamp(batch, torch.tensor([9])) == (batch, False)
+    assert example_ids(batch).tolist() == [1]
+    with pytest.raises(MissingExampleIdError, match=r"tuple batch.*strategy='bergson'"):
+        example_ids((torch.zeros(1),))
+    with pytest.raises(MissingExampleIdError, match=r"keys \['x'\].*with_indices=True"):
+        example_ids({"x": torch.zeros(1)})
+
+
+def test_the_loader_stamps_sampler_rows_into_tuple_batches():
+    data = [(torch.tensor([float(i)]), torch.tensor(i)) for i in range(5)]
+    loader = make_resumable(DataLoader(data, batch_size=2, shuffle=False))
+    got = list(loader)
+    assert [example_ids(b).tolist() for b in got] == [[0, 1], [2, 3], [4]]
+    assert torch.equal(unstamp(got[1])[0], torch.tensor([[2.0], [3.0]]))
+
+
+def test_labels_rule_and_supervised_tokens_follow_the_labels_not_the_mask():
+    ids = torch.tensor([[5, 6, 7, 8], [1, 2, 3, 0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
+    labels = torch.tensor([[-100, -100, 7, 8], [1, 2, 3, -100]])  # a prompt masked in row 0
+    assert causal_lm_labels({"input_ids": ids, "attention_mask": mask}).tolist()[1] == [
+        1, 2, 3, -100
+    ]  # fmt: skip
+    assert supervised_tokens(labels).tolist() == [2, 2]  # the mask would say [3, 2]
+    assert lm_fields({"input_ids": ids, "labels": labels[:, 0]}) is None  # 1-D labels
+    assert lm_fields((ids, labels)) is None
+    assert lm_fields({"input_ids": ids, "labels": labels})[1] is labels
+
+
+def test_logit_scales_recover_weights_and_flag_other_losses():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 5, 7, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([[1, 2, 3, 4, 5], [0, -100, 2, -100, -100], [-100] * 5])
+    weights = torch.tensor([0.3, -2.0, 5.0])
+    sums = torch.stack(
+        [F.cross_entropy(logits[i, :-1], labels[i, 1:], reduction="sum") for i in range(2)]
+        + [logits[2].sum() * 0]
+    )
+    (weights * sums).sum().backward()
+    c, residual = lm_logit_scales(logits.detach(), labels, logits.grad)
+    torch.testing.assert_close(c, torch.tensor([0.3, -2.0, 0.0], dtype=torch.float64))
+    assert residual.max() < 1e-12
+    # Label smoothing is not a function of the summed token loss: a large residual.
+    logits.grad = None
+    F.cross_entropy(
+        logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), label_smoothing=0.1
+    ).backward()
+    _, residual = lm_logit_scales(logits.detach(), labels, logits.grad)
+    assert residual[:2].min() > 1e-2
+
+
+def test_declared_scales_and_row_scales_closed_forms():
+    tokens = torch.tensor([2, 3, 5])
+    torch.testing.assert_close(
+        declared_scales("token_mean", tokens, accumulate=2, loss_scale=8.0),
+        torch.full((3,), 8.0 / 2 / 10, dtype=torch.float64),
+    )
+    torch.testing.assert_close(
+        declared_scales("example_mean", tokens),
+        1.0 / (3 * tokens.double()),
+    )
+    c = torch.tensor([0.25, 0.5, 0.0], dtype=torch.float64)
+    assert row_scales(c).tolist() == [4.0, 2.0, 0.0]
+    assert row_scales(c, tokens).tolist() == [2.0, 2.0 / 3.0, 0.0]
+
+
+def test_capture_settings_round_trip_and_name_the_differing_fields():
+    s = CaptureSettings(
+        projection_dim=4,
+        normalizer="adafactor",
+        normalizer_source="file",
+        normalizer_path="n.safetensors",
+        include=["*.mlp.*"],
+        head_cfgs={"attn": HeadConfig(num_heads=2, head_size=6)},
+        loss_reduction="mean",
+    )
+    import json
+
+    assert CaptureSettings.from_attrs(json.loads(json.dumps(s.to_attrs()))) == s
+    other = dataclasses.replace(s, seed=3, include=None)
+    assert s.diff(other) == ["seed", "include"]
+    assert "seed: 0 != 3" in s.describe_diff(other)
+
+
+# ------------------------------------------------------------------ strategies keep ids
+
+
+def _rows(batches):
+    return [{k: v[i] for k, v in b.items()} for b in batches for i in range(len(b["input_ids"]))]
+
+
+def _trainer(strategy, epochs=2):
+    return L.Trainer(
+        accelerator="cpu",
+        strategy=strategy,
+        max_epochs=epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+
+
+def test_magic_module_under_the_bergson_strategy_keeps_example_ids():
+    rows = _rows(tiny_batches())
+    without_ids = [{k: v for k, v in r.items() if k != "example_id"} for r in rows]
+    scores = []
+    for strategy, data in (("auto", rows), ("bergson", without_ids)):
+        mm = MagicModule(tiny_model(), num_examples=6, optimizer="adamw", lr=1e-2)
+        _trainer(strategy).fit(mm, DataLoader(data, batch_size=2, shuffle=False))
+        scores.append(mm.attribute(tiny_query()))
+    torch.testing.assert_close(scores[0], scores[1], rtol=0, atol=0)
+
+
+def test_ekfac_true_fisher_under_the_bergson_strategy_seeds_per_example(tmp_path):
+    micro = {"model_type": "gpt_neox", "vocab_size": 97, "hidden_size": 8, "num_hidden_layers": 1,
+             "num_attention_heads": 2, "intermediate_size": 16}  # fmt: skip
+    train = lm_batch(8, 6, seed=4)
+    rows = [{k: v[i] for k, v in train.items()} for i in range(8)]
+    rows = [{**r, "example_id": r["example_id"] - 100} for r in rows]  # dataset rows 0..7
+    without_ids = [{k: v for k, v in r.items() if k != "example_id"} for r in rows]
+    factors = []
+    for strategy, data in (("auto", rows), ("bergson", without_ids)):
+        net = CausalLMModule(config=micro).model.double()
+        ek = EkfacModule(
+            net, factors_dir=str(tmp_path / strategy), fisher="true", factor_dtype="float64"
+        )
+        _trainer(strategy, ek.num_phases).fit(ek, DataLoader(data, batch_size=4, shuffle=False))
+        factors.append(ek)
+    queries = DataLoader(_rows([lm_batch(2, 6, seed=9)]), batch_size=2)
+    train_loader = DataLoader(rows, batch_size=4)
+    a = factors[0].pairwise_scores(queries, train_loader)
+    b = factors[1].pairwise_scores(queries, train_loader)
+    torch.testing.assert_close(a, b, rtol=1e-10, atol=0)
