@@ -31,7 +31,7 @@ def trainer(callback, *, strategy="auto", accumulate=1, max_steps=-1, max_epochs
     )
 
 
-def block_grad(module: nn.Module, grad: Tensor) -> Tensor:
+def weight_block(module: nn.Module, grad: Tensor) -> Tensor:
     """A weight gradient in the store's block layout ``[O, I]``."""
     if type(module).__name__ == "Conv1D":  # HF Conv1D keeps its weight [in, out]
         return grad.T
@@ -46,7 +46,7 @@ def loop_oracle(network: nn.Module, names: list[str], loss_of: callable, ids) ->
     for i in ids:
         grads = torch.autograd.grad(loss_of(int(i)), weights, allow_unused=True)
         parts = [
-            block_grad(modules[n], torch.zeros_like(w) if g is None else g).flatten()
+            weight_block(modules[n], torch.zeros_like(w) if g is None else g).flatten()
             for n, w, g in zip(names, weights, grads, strict=True)
         ]
         out[int(i)] = torch.cat(parts).detach().float()
@@ -203,21 +203,9 @@ class HFCausalModule(L.LightningModule):
 
 
 def tiny_gpt2(vocab: int = 41):
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from oracles import tiny_gpt2 as gpt2
 
-    torch.manual_seed(0)
-    cfg = GPT2Config(
-        vocab_size=vocab,
-        n_positions=16,
-        n_embd=16,
-        n_layer=1,
-        n_head=2,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        attn_implementation="eager",
-    )
-    return GPT2LMHeadModel(cfg)
+    return gpt2(vocab_size=vocab)
 
 
 def tiny_llama(vocab: int = 41):

@@ -422,3 +422,38 @@ def test_query_gradients_with_a_loss_fn_equal_the_stored_rows(tmp_path):
         assert err < 1e-5, (i, float(err))
     with pytest.raises(LossFnContractError, match=r"(?s)2-D 'input_ids'.*loss_fn"):
         attributor.query_gradients(net, batch)
+
+
+def test_weighted_hf_loss_without_contract_gives_token_loss_rows_and_warns_on_zero_weight(
+    tmp_path,
+):
+    """Rule 2 measures c_i = A_i / B, so rows are grad CE_i; a zero weight leaves a zero row."""
+
+    class Weighted(AdvantageModule):
+        def training_step(self, batch, batch_idx):
+            return self.example_losses(batch).mean()  # no example_loss: the causal-LM rule
+
+    batch = lm_batch(num=4, seq=8, vocab_size=41)
+    batch["example_id"] = torch.arange(4)
+    advantages = torch.tensor([2.0, 0.0, -0.5, 1.0])
+    net = tiny_llama()
+    ref = copy.deepcopy(net)
+    with pytest.warns(UserWarning, match=r"examples \[1\] at step 0 did not enter"):
+        trainer(capture(tmp_path), max_steps=1).fit(
+            Weighted(net, advantages), DataLoader(Rows(batch), batch_size=4)
+        )
+    names = stored_modules(tmp_path / "g.zarr")
+
+    def loss_of(k):
+        logits = ref(
+            input_ids=batch["input_ids"][k : k + 1],
+            attention_mask=batch["attention_mask"][k : k + 1],
+        ).logits
+        return example_losses(logits, batch["labels"][k : k + 1])[0]
+
+    want = loop_oracle(ref, names, loss_of, range(4))
+    want[1] = torch.zeros_like(want[1])
+    store = GradientStore.open(tmp_path / "g.zarr")
+    rows = store.read(slice(None))
+    for k, i in enumerate(store.example_ids.tolist()):
+        assert torch.allclose(rows[k], want[i], rtol=1e-4, atol=1e-6), i

@@ -148,13 +148,21 @@ class Attributor:
         return collector
 
     def query_gradients(
-        self, model: nn.Module, batch: Mapping[str, Tensor], *, loss_fn: LossFn | None = None
+        self, model: nn.Module, batch: Any, *, loss_fn: LossFn | None = None
     ) -> Tensor:
         """Rows ``[B, D]`` of each query's own loss, as the store would hold them.
 
-        The network runs in eval mode (no dropout). The default loss is the causal-LM loss
-        over each query's supervised tokens (``labels`` != -100), summed or averaged like
-        the store's ``loss_reduction``; parameters' ``.grad`` are left untouched.
+        The network runs in eval mode (no dropout); parameters' ``.grad`` are left untouched.
+
+        Args:
+            model: The network the store's module names refer to (or its LightningModule).
+            batch: Query batch of any type ``loss_fn`` understands.
+            loss_fn: ``loss_fn(network, batch) -> [B]``, each query's own loss: the query
+                side of the per-example loss contract (for a classifier,
+                ``lambda m, b: F.cross_entropy(m(**inputs).logits, b["labels"],
+                reduction="none")``). Default: the causal-LM loss over each query's
+                supervised tokens (``labels`` != -100), summed or averaged like the store's
+                ``loss_reduction``; it refuses batches that are not causal-LM batches.
         """
         sink = RowSink()
         collector = self.collector(model, closure=sink.add)
@@ -189,11 +197,10 @@ class Attributor:
         """Capture query rows during the block's backward pass, then :meth:`search`.
 
         Each backward pass adds one query row per example of its batch. The rows equal the
-        store's only if the loss backpropagated is the **sum of the per-example losses**
-        (summed token losses each, or token means with ``loss_reduction="mean"``), not a
-        batch mean such as Hugging Face's ``.loss`` of a batch (for a single query with
-        ``loss_reduction="sum"``, use ``.loss * num_supervised_tokens``).
-        :meth:`query_gradients` computes the right loss itself.
+        store's only if the loss backpropagated is the **sum of the per-example losses** of
+        the contract (``loss_fn(model, batch).sum()``: summed token losses each for a causal
+        LM, token means with ``loss_reduction="mean"``), not a batch mean such as Hugging
+        Face's ``.loss`` of a batch. :meth:`query_gradients` computes the right loss itself.
         """
         result = TraceResult()
         sink = RowSink()

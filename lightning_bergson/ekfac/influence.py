@@ -24,6 +24,7 @@ import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import Tensor, nn
 
+from ..capture.settings import CaptureSettings
 from ..store import GradientStore
 from .factors import kfac_eigenvalues, resolve_damping, rotate, unrotate
 from .storage import EkfacFactors
@@ -133,8 +134,8 @@ def check_store(store: GradientStore, shapes: Mapping[str, tuple[int, int]]) -> 
         ValueError: the store is projected, normalized, mean-reduced, split into heads, has
             several rows per example, or lacks a module (each message gives the reason and fix).
     """
-    attrs = store.attrs
-    dim = (attrs.get("projection") or {}).get("dim")
+    settings = CaptureSettings.from_attrs(store.attrs)
+    dim = settings.projection_dim
     if dim != 0:
         raise ValueError(
             f"gradient store {store.path} holds randomly projected gradients (projection dim "
@@ -143,13 +144,13 @@ def check_store(store: GradientStore, shapes: Mapping[str, tuple[int, int]]) -> 
             "GradientCaptureCallback(projection_dim=0), or pass no store to compute training "
             "gradients on the fly."
         )
-    normalizer = (attrs.get("normalizer") or {}).get("kind", "none")
+    normalizer = settings.normalizer
     if normalizer != "none":
         raise ValueError(
             f"gradient store {store.path} holds {normalizer}-normalized gradients; EK-FAC needs "
             "raw gradients. Capture with normalizer='none'."
         )
-    if attrs.get("loss_reduction", "sum") != "sum":
+    if settings.loss_reduction != "sum":
         raise ValueError(
             f"gradient store {store.path} holds gradients of mean token losses; EK-FAC uses "
             "summed token losses. Capture with loss_reduction='sum'."
