@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .batch import IGNORE_INDEX, causal_lm_labels, lm_fields
+from .batch import IGNORE_INDEX, causal_lm_labels, lm_fields, supervised_tokens
 
 __all__ = [
     "LossFn",
@@ -87,7 +87,7 @@ def causal_lm_losses(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         ignore_index=IGNORE_INDEX,
         reduction="none",
     )  # (B, S-1)
-    return token_loss.sum(1), (target != IGNORE_INDEX).sum(1)
+    return token_loss.sum(1), supervised_tokens(labels)
 
 
 def batch_losses(logits: Tensor, batch: Any) -> tuple[Tensor, Tensor]:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
+from ..batch import collate_batch
 from ..corpus import Fact
 
 __all__ = ["query_batch"]
@@ -55,12 +55,9 @@ def query_batch(
     if short:
         raise ValueError(f"queries {short} have fewer than 2 tokens, so no token is predicted")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    length = max(len(ids) for ids, _ in rows)
-    input_ids = torch.full((len(rows), length), int(pad or 0), dtype=torch.long)  # (Q, S)
-    labels = torch.full((len(rows), length), -100, dtype=torch.long)  # (Q, S)
-    mask = torch.zeros((len(rows), length), dtype=torch.long)  # (Q, S)
-    for i, (ids, lab) in enumerate(rows):
-        input_ids[i, : len(ids)] = torch.tensor(ids)
-        labels[i, : len(lab)] = torch.tensor(lab)
-        mask[i, : len(ids)] = 1
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+    batch = collate_batch(
+        [{"input_ids": ids, "labels": lab, "example_id": i} for i, (ids, lab) in enumerate(rows)],
+        pad_token_id=int(pad or 0),
+    )
+    del batch["example_id"]
+    return batch  # input_ids, attention_mask, labels (Q, S)
