@@ -380,15 +380,14 @@ class GradientCaptureCallback(Callback):
             return  # no backward through tracked modules (e.g. a skipped batch)
         batch = len(info.example_id)
         assert info.scale is not None
-        scale = info.scale[:, None]  # (B, 1) float64
         parts = []
         for block in self.collector.blocks:
             part = rows.get(block.name)
             if part is None:  # a module that took no part in this forward
                 self._warn_missing(block.name, info.step)
                 part = torch.zeros(batch, math.prod(block.shape))
-            part = part.detach().to("cpu", torch.float64) * scale
-            parts.append(part.to(torch.float32))
+            part = part.detach() * info.scale.to(part)[:, None]  # (B, D_block)
+            parts.append(part.to("cpu", torch.float32))
         grads = torch.cat(parts, dim=1)  # (B, D)
         finite = torch.isfinite(grads).all(dim=1)
         if not bool(finite.all()):
@@ -526,10 +525,8 @@ class GradientCaptureCallback(Callback):
 
     def _report_capture(self, trainer: L.Trainer, network: nn.Module) -> None:
         """Print, once on rank 0, what is captured and which trainable parameters are not."""
-        try:
-            from .capture.coverage import describe_capture
-        except ImportError:  # pragma: no cover - older capture package
-            return
+        from .capture.coverage import describe_capture
+
         assert self.collector is not None
         if trainer.is_global_zero:
             rank_zero_info(describe_capture(network, self.collector).format())

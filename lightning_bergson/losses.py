@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .batch import IGNORE_INDEX, causal_lm_labels, lm_fields, supervised_tokens
+from .batch import IGNORE_INDEX, causal_lm_labels, lm_fields
 
 __all__ = [
     "LossFn",
@@ -80,14 +80,8 @@ def causal_lm_losses(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     Returns:
         ``(sums [B], counts [B])``.
     """
-    target = labels[:, 1:]  # (B, S-1)
-    token_loss = nn.functional.cross_entropy(
-        _float_logits(logits)[:, :-1].transpose(1, 2),
-        target,
-        ignore_index=IGNORE_INDEX,
-        reduction="none",
-    )  # (B, S-1)
-    return token_loss.sum(1), supervised_tokens(labels)
+    loss, mask = token_losses(logits, labels)  # (B, S), (B, S)
+    return loss.sum(1), mask.sum(1)
 
 
 def batch_losses(logits: Tensor, batch: Any) -> tuple[Tensor, Tensor]:

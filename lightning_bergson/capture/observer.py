@@ -142,9 +142,7 @@ class ScaleObserver:
             self._use_contract(ex)
             return
         self.detached_example_loss = automatic and isinstance(ex, Tensor)
-        if self._source == "causal_lm":
-            return  # watched during the step (manual optimization)
-        reason = self._rule_reason()
+        reason = self._rule_reason()  # also for manual steps: the network must have run once
         if reason is not None:
             if not automatic:
                 reason += " (with manual optimization the rule must hold at the forward pass)"
@@ -152,7 +150,8 @@ class ScaleObserver:
                 f"GradientCaptureCallback cannot tell how much of each example's gradient the "
                 f"training loss carries: {reason}.\n\n{CONTRACT_HINT}"
             )
-        self._watch_logits()
+        if self._source != "causal_lm":  # manual optimization watched at the forward pass
+            self._watch_logits()
 
     def _use_contract(self, ex: Tensor) -> None:
         if ex.numel() != self._size:
