@@ -5,7 +5,7 @@ Capture every training example's gradient during ``fit`` with
 """
 
 from .attribution import Attributor, IndexModule
-from .callbacks import GradientCaptureCallback
+from .callbacks import GradientCaptureCallback, capture_example_loss
 from .capture import (
     AdafactorNormalizer,
     AdamNormalizer,

@@ -9,6 +9,7 @@ Run: ``python -m lightning_bergson fit --config configs/quickstart.yaml``
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import wraps
 from pathlib import Path
@@ -21,7 +22,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from .batch import EXAMPLE_ID, example_ids
+from .batch import EXAMPLE_ID, example_ids, unstamp
 from .capture import DEFAULT_EXCLUDE, GradientCollector, HeadConfig, normalizers_from_optimizer
 from .capture.fingerprint import model_fingerprint
 from .capture.normalizers import load_normalizers, save_normalizers
@@ -30,7 +31,7 @@ from .capture.scaling import BATCH_REDUCTIONS
 from .capture.settings import CaptureSettings
 from .store import GradientStoreWriter, layout_blocks
 
-__all__ = ["GradientCaptureCallback"]
+__all__ = ["GradientCaptureCallback", "capture_example_loss"]
 
 BatchReduction = Literal["auto", "token_mean", "example_mean", "sum"]
 
@@ -44,6 +45,7 @@ class _BatchInfo:
     epoch: int
     scale: Tensor | None = None  # (B,) multiplier turning the observed gradient into the row
     loss: Tensor | None = None  # (B,) float32, CPU
+    advantage: Tensor | None = None  # (B,) float32, CPU: the batch's `advantage`, if any
 
 
 class GradientCaptureCallback(Callback):
@@ -211,7 +213,7 @@ class GradientCaptureCallback(Callback):
             network,
             projection_dim=self.projection_dim,
             seed=self.seed,
-            include=self.include,
+            include=_effective_include(self.include, pl_module),
             exclude=self.exclude,
             head_cfgs=self.head_cfgs,
             include_bias=self.include_bias,
@@ -273,7 +275,10 @@ class GradientCaptureCallback(Callback):
         assert self.collector is not None and self.observer is not None
         ids = example_ids(batch, self.example_id_key)
         self._batch = _BatchInfo(
-            example_id=ids, step=trainer.global_step, epoch=trainer.current_epoch
+            example_id=ids,
+            step=trainer.global_step,
+            epoch=trainer.current_epoch,
+            advantage=_advantage(batch, len(ids)),
         )
         self._rows = {}
         self.observer.begin(batch, len(ids), watch_now=not pl_module.automatic_optimization)
@@ -402,6 +407,7 @@ class GradientCaptureCallback(Callback):
             torch.full((batch,), step, dtype=torch.int64),
             torch.full((batch,), epoch, dtype=torch.int32),
             info.loss,
+            info.advantage,
         )
 
     def _warn_missing(self, block: str, step: int) -> None:
@@ -530,6 +536,53 @@ class GradientCaptureCallback(Callback):
         assert self.collector is not None
         if trainer.is_global_zero:
             rank_zero_info(describe_capture(network, self.collector).format())
+
+
+def capture_example_loss(pl_module: L.LightningModule, example_loss: Tensor) -> None:
+    """The per-example loss contract for manual optimization: call it before backward.
+
+    With ``automatic_optimization = False`` backward runs inside ``training_step``, before
+    the step returns; hand each example's loss to the capture callbacks first::
+
+        def training_step(self, batch, batch_idx):
+            example_loss = ...  # [B], in the graph of the loss below
+            capture_example_loss(self, example_loss)
+            self.manual_backward(example_loss.sum())
+
+    Rows are then the gradients of ``example_loss[i]``, as with ``{"example_loss": ...}``
+    under automatic optimization. Without a capture callback attached this does nothing.
+
+    Args:
+        pl_module: The LightningModule whose ``training_step`` is running.
+        example_loss: ``[B]`` each example's loss, requiring grad.
+    """
+    wrapper = pl_module.__dict__.get("training_step")
+    for cb in getattr(wrapper, "_capture_callbacks", ()):
+        if cb.observer is not None:
+            cb.observer.use_example_loss(example_loss)
+
+
+def _effective_include(include: list[str] | None, pl_module: L.LightningModule) -> Any:
+    """``include``, or the module's own ``capture_include`` (e.g. IndexModule's frozen layers)."""
+    if include is not None:
+        return include
+    declared = getattr(pl_module, "capture_include", None)
+    return None if declared is None else list(declared)
+
+
+def _advantage(batch: Any, size: int) -> Tensor | None:
+    """The batch's ``advantage`` column ``[B]`` (reward-weighted losses), else ``None``."""
+    inner = unstamp(batch)
+    value = inner.get("advantage") if isinstance(inner, Mapping) else None
+    if value is None:
+        return None
+    value = torch.as_tensor(value).detach().reshape(-1).to("cpu", torch.float32)
+    if value.numel() != size:
+        raise ValueError(
+            f"the batch's 'advantage' has {value.numel()} values for {size} examples; it must "
+            "hold one advantage per example"
+        )
+    return value
 
 
 def _observe_training_step(pl_module: L.LightningModule, callback: GradientCaptureCallback) -> None:

@@ -37,6 +37,7 @@ ARRAYS = {
     "epoch": "int32",
     "loss": "float32",
     "finite": "bool",
+    "advantage": "float32",
 }
 
 
@@ -441,3 +442,21 @@ def test_subdir(tmp_path):
     with pytest.raises(ValueError):
         store.subdir("rank_0")
     assert len(GradientStore.open(tmp_path / "run.zarr")) == 2  # aux dirs do not disturb reads
+
+
+def test_store_without_the_advantage_column_opens_and_resumes(tmp_path):
+    """Stores written before the ``advantage`` column read it as NaN and accept more rows."""
+    import shutil
+
+    path = tmp_path / "old.zarr"
+    _write(path, [5, 6], dtype="float32")
+    shutil.rmtree(path / "rank_0" / "advantage")
+    store = GradientStore.open(path)
+    assert store.advantages.shape == (11,) and bool(np.isnan(store.advantages).all())
+    w = GradientStoreWriter.reopen(path, committed_rows=11, background=False)
+    w.append(np.ones((2, store.dim)), example_id=[50, 51], step=3, epoch=0, advantage=[0.5, -2])
+    w.close()
+    store = GradientStore.open(path)
+    assert store.num_rows == 13
+    np.testing.assert_array_equal(store.advantages[-2:], [0.5, -2.0])
+    assert bool(np.isnan(store.advantages[:11]).all())

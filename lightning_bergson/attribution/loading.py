@@ -21,7 +21,7 @@ from torch import nn
 
 from ..data import TextDataModule
 
-__all__ = ["find_checkpoint", "load_model", "load_text_data"]
+__all__ = ["find_checkpoint", "is_pretrained_source", "load_model", "load_text_data"]
 
 
 def find_checkpoint(path: str | Path) -> Path:
@@ -38,6 +38,12 @@ def find_checkpoint(path: str | Path) -> Path:
     return found[-1]
 
 
+def is_pretrained_source(source: str | Path) -> bool:
+    """A ``save_pretrained`` directory or a Hub name (not a Lightning checkpoint)."""
+    path = Path(source)
+    return (path.is_dir() and (path / "config.json").is_file()) or not path.exists()
+
+
 def _import(class_path: str) -> type:
     module, _, name = class_path.rpartition(".")
     return getattr(importlib.import_module(module), name)
@@ -47,17 +53,26 @@ def _public(hparams: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in hparams.items() if not k.startswith("_")}
 
 
-def load_model(source: str | Path) -> tuple[nn.Module, dict[str, Any] | None]:
+def load_model(
+    source: str | Path, *, dtype: str = "float32"
+) -> tuple[nn.Module, dict[str, Any] | None]:
     """The trained model and, for checkpoints, the data module's saved hyperparameters.
+
+    Args:
+        source: A checkpoint, a directory holding checkpoints, a ``save_pretrained``
+            directory or a Hugging Face model name.
+        dtype: Parameter dtype (``"float32"``, ``"bfloat16"``, ...), or ``"auto"`` to keep
+            the saved one.
 
     Returns:
         ``(LightningModule or Hugging Face model in eval mode, data hparams or None)``.
     """
     path = Path(source)
-    if (path.is_dir() and (path / "config.json").is_file()) or not path.exists():
+    if is_pretrained_source(source):
         from transformers import AutoModelForCausalLM
 
-        return AutoModelForCausalLM.from_pretrained(str(source)).eval(), None
+        kind = dtype if dtype == "auto" else getattr(torch, dtype)
+        return AutoModelForCausalLM.from_pretrained(str(source), dtype=kind).eval(), None
     ckpt_path = find_checkpoint(path)
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     hparams = dict(ckpt.get("hyper_parameters") or {})
@@ -66,6 +81,8 @@ def load_model(source: str | Path) -> tuple[nn.Module, dict[str, Any] | None]:
         raise TypeError(f"{ckpt_path}: {cls} is not a LightningModule")
     module = cls(**_public(hparams))
     module.load_state_dict(ckpt["state_dict"])
+    if dtype != "auto":
+        module = module.to(getattr(torch, dtype))
     data = ckpt.get("datamodule_hyper_parameters")
     return module.eval(), dict(data) if data else None
 

@@ -18,6 +18,13 @@ convolution is a Linear over ``[B, positions, C/groups * prod(k)]`` and its bloc
 Tensor hooks on the output (rather than full backward hooks) keep working with
 in-place operations elsewhere in the model.
 
+Frozen networks (every weight ``requires_grad=False``, as in a post-hoc index): a tracked
+layer whose output does not require grad gets an output that does (``leaf_outputs``), so
+backward computes the activation gradients from the loss down to the lowest tracked layer
+and no parameter gradient at all. The rows are unchanged: a layer's row needs only its
+input and the gradient at its output, and where backward starts below it does not change
+that gradient.
+
 Example:
     >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
     >>> x = torch.randn(5, 7, 4)
@@ -145,6 +152,9 @@ class GradientCollector:
             :attr:`gradients`.
         defer: Keep ``(a, g)`` until :meth:`process_pending` (used when the normalizer is
             only known after the optimizer step).
+        leaf_outputs: When a tracked layer's output does not require grad (frozen weights
+            and nothing upstream requiring grad), replace it by a copy that does, so its
+            row is still captured (see the module docs).
 
     Example:
         >>> model = torch.nn.Sequential(torch.nn.Linear(6, 4))
@@ -168,6 +178,7 @@ class GradientCollector:
         normalizers: Mapping[str, Normalizer] | None = None,
         closure: Closure | None = None,
         defer: bool = False,
+        leaf_outputs: bool = True,
     ) -> None:
         if projection_dim < 0:
             raise ValueError(f"projection_dim must be >= 0 (0 = exact), got {projection_dim}")
@@ -194,6 +205,7 @@ class GradientCollector:
         self.set_normalizers(normalizers or {})
         self.closure = closure
         self.defer = defer
+        self.leaf_outputs = leaf_outputs
         self.enabled = True
         self.gradients: dict[str, Tensor] = {}
         self._pending: list[tuple[str, Tensor, Tensor]] = []
@@ -233,10 +245,20 @@ class GradientCollector:
         self._handles.clear()
         self._pending.clear()
 
-    def _forward_hook(self, name: str, module: nn.Module, inputs: tuple, output: Tensor) -> None:
-        if not (self.enabled and torch.is_grad_enabled() and output.requires_grad):
-            return
+    def _forward_hook(
+        self, name: str, module: nn.Module, inputs: tuple, output: Tensor
+    ) -> Tensor | None:
+        if not (self.enabled and torch.is_grad_enabled()):
+            return None
+        replaced = None
+        if not output.requires_grad:
+            if not self.leaf_outputs:
+                return None
+            # A clone of a grad-requiring leaf: backward stops here, and later in-place
+            # operations on the output stay legal (they would not be on the leaf itself).
+            output = replaced = output.detach().requires_grad_().clone()
         output.register_hook(partial(self._grad_hook, name, inputs[0].detach()))
+        return replaced
 
     def _grad_hook(self, name: str, a: Tensor, g: Tensor) -> None:
         if self.defer:

@@ -133,10 +133,30 @@ class ScaleObserver:
         if self._watch_now and self._calls == 1 and self._rule_reason() is None:
             self._watch_logits()
 
-    def after_step(self, output: Any, *, automatic: bool = True) -> None:
-        """``training_step`` returned ``output``; choose the source before backward."""
+    def use_example_loss(self, example_loss: Tensor) -> None:
+        """Take ``example_loss`` ``[B]`` as this step's per-example losses (before backward).
+
+        The per-example loss contract for manual optimization, where backward runs inside
+        ``training_step``: see :func:`~lightning_bergson.capture_example_loss`.
+        """
         if not self.active:
             return
+        if not (isinstance(example_loss, Tensor) and example_loss.requires_grad):
+            raise CaptureContractError(
+                "capture_example_loss(...) needs each example's loss [B] in the graph of the "
+                "loss that will be backpropagated; got "
+                + (
+                    f"a tensor that does not require grad (shape {tuple(example_loss.shape)})"
+                    if isinstance(example_loss, Tensor)
+                    else type(example_loss).__name__
+                )
+            )
+        self._use_contract(example_loss)
+
+    def after_step(self, output: Any, *, automatic: bool = True) -> None:
+        """``training_step`` returned ``output``; choose the source before backward."""
+        if not self.active or (not automatic and self._source == "example_loss"):
+            return  # manual optimization: capture_example_loss was called before backward
         ex = output.get("example_loss") if isinstance(output, Mapping) else None
         if isinstance(ex, Tensor) and ex.requires_grad and automatic:
             self._use_contract(ex)
@@ -215,6 +235,8 @@ class ScaleObserver:
         detached = logits.detach()
 
         def on_grad(grad: Tensor) -> None:
+            if self._source != "causal_lm":  # capture_example_loss took over after forward
+                return
             self._c, self._residual = lm_logit_scales(detached, labels, grad)
             with torch.no_grad():
                 sums = _token_sums(detached, labels)
@@ -241,9 +263,48 @@ class ScaleObserver:
             )
         if self._source == "causal_lm":
             self._check_rule(accumulate, loss_scale)
+        else:
+            self._check_declared_contract(accumulate, loss_scale)
         tokens = self._tokens if self.loss_reduction == "mean" else None
         assert self._loss is not None
         return Observation(self._source, row_scales(self._c, tokens), self._loss, self._c)
+
+    def _check_declared_contract(self, accumulate: int, loss_scale: float) -> None:
+        """A declared ``batch_reduction`` must match the ``c_i`` the contract measured."""
+        if self.batch_reduction == "auto":
+            return
+        assert self._c is not None
+        # Token sums are weighted per token; any other example_loss counts as one unit.
+        fields = lm_fields(self._batch, self.labels_key)
+        if self.example_loss_is_token_sum and fields is not None:
+            tokens = supervised_tokens(fields[1]).to("cpu", torch.float64)
+        elif self.batch_reduction == "token_mean":
+            raise CaptureContractError(
+                "batch_reduction='token_mean' weights summed causal-LM token losses, but this "
+                "training_step's example_loss is its own per-example loss; declare 'sum' or "
+                "'example_mean', or leave batch_reduction='auto' (the contract measures each "
+                "example's weight exactly)"
+            )
+        else:
+            tokens = torch.ones_like(self._c)
+        self._compare_declared(tokens, accumulate, loss_scale, torch.isfinite(self._c), 1e-4)
+
+    def _compare_declared(
+        self, tokens: Tensor, accumulate: int, loss_scale: float, finite: Tensor, tol: float
+    ) -> None:
+        assert self._c is not None
+        want = declared_scales(
+            self.batch_reduction, tokens, accumulate=accumulate, loss_scale=loss_scale
+        )
+        seen = (tokens > 0) & finite
+        if not torch.allclose(self._c[seen], want[seen], rtol=max(tol, 1e-4), atol=0.0):
+            raise CaptureContractError(
+                f"batch_reduction={self.batch_reduction!r} does not match the training loss: "
+                f"it implies d loss / d L_i = {want[seen][:4].tolist()} but the loss weights "
+                f"the examples by {self._c[seen][:4].tolist()} (accumulate_grad_batches="
+                f"{accumulate}, loss scale {loss_scale:g} included). Leave batch_reduction='auto' "
+                "(measured exactly every batch) or declare the reduction the loss applies."
+            )
 
     def _check_rule(self, accumulate: int, loss_scale: float) -> None:
         assert self._residual is not None and self._c is not None and self._tokens is not None
@@ -261,18 +322,7 @@ class ScaleObserver:
             )
         if self.batch_reduction == "auto":
             return
-        want = declared_scales(
-            self.batch_reduction, self._tokens, accumulate=accumulate, loss_scale=loss_scale
-        )
-        seen = (self._tokens > 0) & finite
-        if not torch.allclose(self._c[seen], want[seen], rtol=max(tol, 1e-4), atol=0.0):
-            raise CaptureContractError(
-                f"batch_reduction={self.batch_reduction!r} does not match the training loss: "
-                f"it implies d loss / d L_i = {want[seen][:4].tolist()} but the loss weights "
-                f"the examples by {self._c[seen][:4].tolist()} (accumulate_grad_batches="
-                f"{accumulate}, loss scale {loss_scale:g} included). Leave batch_reduction='auto' "
-                "(measured exactly every batch) or declare the reduction the loss applies."
-            )
+        self._compare_declared(self._tokens, accumulate, loss_scale, finite, tol)
 
 
 def _token_sums(logits: Tensor, labels: Tensor) -> Tensor:

@@ -15,6 +15,7 @@ import zarr
 from .schema import (
     _AUX_DIRS,
     COLUMNS,
+    OPTIONAL_COLUMNS,
     IncompleteStoreWarning,
     ModuleBlock,
     _open_root_attrs,
@@ -136,6 +137,7 @@ class GradientStore:
         cat = {k: np.concatenate(v) if v else np.zeros(0, COLUMNS[k]) for k, v in columns.items()}
         self.example_ids, self.steps, self.epochs = cat["example_id"], cat["step"], cat["epoch"]
         self.losses, self.finite = cat["loss"], cat["finite"]
+        self.advantages = cat["advantage"]  # NaN where the loss had no advantage weight
         self.ranks = np.repeat(np.arange(len(counts), dtype=np.int32), counts)
         self.num_rows = int(sum(counts))
 
@@ -152,6 +154,9 @@ class GradientStore:
             if arrays[-1].shape[0] < n:
                 raise ValueError(f"{self.path}/rank_{r} claims {n} rows but holds fewer")
             for k in COLUMNS:
+                if k not in group and k in OPTIONAL_COLUMNS:  # written before the column existed
+                    columns[k].append(np.full(n, OPTIONAL_COLUMNS[k], dtype=COLUMNS[k]))
+                    continue
                 columns[k].append(group[k][:n])  # type: ignore[index]
         return arrays, counts, columns
 

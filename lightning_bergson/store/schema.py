@@ -22,7 +22,10 @@ COLUMNS = {
     "epoch": "int32",
     "loss": "float32",
     "finite": "bool",
+    "advantage": "float32",  # the weight A_i of a reward-weighted loss; NaN when none
 }
+OPTIONAL_COLUMNS = {"advantage": np.nan}
+"""Columns a store written before they existed lacks; read as this fill value."""
 FIXED_KEYS = ("schema_version", "package_version", "format", "modules", "dim", "dtype")
 FIXED_KEYS += ("chunk_rows", "world_size", "complete")
 _AUX_DIRS = ("normalizers", "preconditioners")

@@ -14,6 +14,7 @@ import zarr
 
 from .schema import (
     COLUMNS,
+    OPTIONAL_COLUMNS,
     DTYPES,
     GradientStoreWriteError,
     ModuleBlock,
@@ -207,9 +208,14 @@ class GradientStoreWriter:
         self._arrays = {}
         for name, dt in specs.items():
             tail = (self.dim,) if name == "gradients" else ()
-            self._arrays[name] = self._group.create_array(
-                name, shape=(0, *tail), chunks=(self.chunk_rows, *tail), dtype=dt, compressors=None
-            )
+            self._arrays[name] = self._create_array(name, (0, *tail), dt)
+
+    def _create_array(self, name: str, shape: tuple[int, ...], dtype: str) -> zarr.Array:
+        chunks = (self.chunk_rows, *shape[1:])
+        fill = OPTIONAL_COLUMNS.get(name)
+        return self._group.create_array(
+            name, shape=shape, chunks=chunks, dtype=dtype, compressors=None, fill_value=fill
+        )
 
     def _start(self, background: bool) -> None:
         if background:
@@ -249,8 +255,13 @@ class GradientStoreWriter:
         if not where.is_dir():
             raise FileNotFoundError(f"{self.path} has no group rank_{self.rank} to reopen")
         self._group = zarr.open_group(str(where), mode="r+")
-        self._arrays = {k: self._group[k] for k in ("gradients", *COLUMNS)}  # type: ignore[misc]
         on_disk = int(self._group.attrs["committed_rows"])  # type: ignore[arg-type]
+        self._arrays = {}
+        for k in ("gradients", *COLUMNS):
+            if k not in self._group and k in OPTIONAL_COLUMNS:  # a store from before the column
+                self._arrays[k] = self._create_array(k, (on_disk,), COLUMNS[k])
+            else:
+                self._arrays[k] = self._group[k]  # type: ignore[assignment]
         if not 0 <= committed_rows <= on_disk:
             raise ValueError(
                 f"cannot resume rank {self.rank} of {self.path} at {committed_rows} rows: it has"
@@ -265,9 +276,15 @@ class GradientStoreWriter:
         return self._committed
 
     def append(
-        self, gradients: Any, example_id: Any, step: Any, epoch: Any, loss: Any = None
+        self,
+        gradients: Any,
+        example_id: Any,
+        step: Any,
+        epoch: Any,
+        loss: Any = None,
+        advantage: Any = None,
     ) -> None:
-        """Buffer rows ``gradients`` [B, D] with per-row ids, steps, epochs and losses ([B])."""
+        """Buffer rows ``gradients`` [B, D] with per-row ids, steps, epochs, losses, advantages."""
         self._check_open()
         grads, finite = _prepare_gradients(gradients, self.dim, self.dtype)
         n = len(grads)
@@ -278,6 +295,9 @@ class GradientStoreWriter:
             "step": _column(step, n, "int64", "step"),
             "epoch": _column(epoch, n, "int32", "epoch"),
             "loss": _column(np.nan if loss is None else loss, n, "float32", "loss"),
+            "advantage": _column(
+                np.nan if advantage is None else advantage, n, "float32", "advantage"
+            ),
         }
         self._buffer.append(rows)
         self._buffered += n
