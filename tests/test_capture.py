@@ -179,6 +179,30 @@ def test_heads_split_both_axes(model, batch, oracle, p):
             assert rel_err(rows[key], want.flatten(1)) <= 1e-5, key
 
 
+@pytest.mark.parametrize("perm", [False, True])
+def test_heads_with_adafactor_normalizer_on_both_axes(model, batch, oracle, perm):
+    """Adafactor scales folded into per-head projections equal normalize-split-project."""
+    names = [QKV, DENSE]
+    norms = _random_moments(model, names, bias=False, kind="adafactor")
+    qkv = HeadConfig(4, 24, sections=3) if perm else HeadConfig(4, 24)
+    order = torch.tensor(qkv.permutation(96)) if perm else None
+    heads = {QKV: qkv, DENSE: HeadConfig(4, 8, axis="input")}
+    rows = collect(
+        model, batch, projection_dim=3, include=names, head_cfgs=heads, normalizers=norms, seed=4
+    )
+    for name in names:
+        norm = norms[name]
+        full = module_grad(oracle, name) / (norm.row[:, None] * norm.col / norm.row.mean()).sqrt()
+        if name == QKV and perm:
+            full = full[:, order]
+        for h in range(4):
+            want = full[:, 24 * h : 24 * (h + 1)] if name == QKV else full[:, :, 8 * h : 8 * h + 8]
+            key = f"{name}.head_{h}"
+            left = projection_matrix(3, want.shape[1], seed=4, key=key, side="left")
+            right = projection_matrix(3, want.shape[2], seed=4, key=key, side="right")
+            assert rel_err(rows[key], (left @ want @ right.T).flatten(1)) <= 1e-5, key
+
+
 def test_heads_with_adam_normalizer(model, batch, oracle):
     norms = _random_moments(model, [QKV], bias=False, kind="adam")
     rows = collect(

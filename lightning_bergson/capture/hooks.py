@@ -305,9 +305,11 @@ class GradientCollector:
         if plan.bias:
             a = torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1)  # (B, S, [G,] I+1)
         norm = self.normalizers.get(name)
+        scales = None
         if isinstance(norm, AdafactorNormalizer):
-            row_scale, col_scale = norm.scales(dtype, g.device)
-            g, a = g * row_scale, a * col_scale
+            scales = norm.scales(dtype, g.device)  # ([O], [I]): V^-1/2 = outer product
+            if not self.projection_dim or plan.groups > 1:
+                g, a, scales = g * scales[0], a * scales[1], None
         if isinstance(norm, AdamNormalizer) or not self.projection_dim:
             grouped = plan.groups > 1
             full = (
@@ -320,7 +322,7 @@ class GradientCollector:
             lefts = self._matrices(plan, "left", plan.head_out, g)  # (1, p, O)
             rights = self._matrices(plan, "right", plan.head_in, g)  # (1, p, I)
             return [grouped_projection(a, g, lefts[0], rights[0])]
-        return self._project_factored(plan, a, g)
+        return self._project_factored(plan, a, g, scales)
 
     def _split_full(self, plan: _Plan, full: Tensor) -> list[Tensor]:
         """Per-head rows of full per-example gradients ``[B, O, I]``, projected if asked."""
@@ -337,16 +339,33 @@ class GradientCollector:
             parts = lefts @ parts @ rights.transpose(1, 2)  # (B, H, p, p)
         return [parts[:, h].reshape(batch, -1) for h in range(heads)]
 
-    def _project_factored(self, plan: _Plan, a: Tensor, g: Tensor) -> list[Tensor]:
-        """``(g L^T)^T (a R^T)`` for every head at once, never forming ``[B, O, I]``."""
+    def _project_factored(
+        self, plan: _Plan, a: Tensor, g: Tensor, scales: tuple[Tensor, Tensor] | None = None
+    ) -> list[Tensor]:
+        """``(g L^T)^T (a R^T)`` for every head at once, never forming ``[B, O, I]``.
+
+        Adafactor ``scales`` ``(r [O], c [I])`` are folded into the projections,
+        ``(g diag(r)) L^T = g (L diag(r))^T``, so the activations are never rescaled.
+        """
         batch, seq, heads, p = g.shape[0], g.shape[1], plan.num_heads, self.projection_dim
+        row_scale, col_scale = scales if scales is not None else (None, None)
         if plan.perm is not None:  # gather each head's slices of every section
+            perm = plan.permutation(g.device)
             if plan.split_output:
-                g = g.index_select(-1, plan.permutation(g.device))  # (B, S, O)
+                g = g.index_select(-1, perm)  # (B, S, O)
+                row_scale = None if row_scale is None else row_scale[perm]
             else:
-                a = a.index_select(-1, plan.permutation(a.device))  # (B, S, I)
+                a = a.index_select(-1, perm)  # (B, S, I)
+                col_scale = None if col_scale is None else col_scale[perm]
         lefts = self._matrices(plan, "left", plan.head_out, g)  # (H, p, o)
         rights = self._matrices(plan, "right", plan.head_in, g)  # (H, p, i)
+        if row_scale is not None:  # per output feature, split like the heads split O
+            lefts = lefts * (row_scale.view(heads, 1, -1) if plan.split_output else row_scale)
+        if col_scale is not None:
+            rights = rights * (col_scale if plan.split_output else col_scale.view(heads, 1, -1))
+        if heads == 1:  # plain matmuls: (B, S, O) @ (O, p), (B, S, I) @ (I, p)
+            out = (g @ lefts[0].T).transpose(1, 2) @ (a @ rights[0].T)  # (B, p, p)
+            return [out.reshape(batch, p * p)]
         if plan.split_output:
             gl = torch.einsum("bshk,hpk->bhsp", g.view(batch, seq, heads, plan.head_out), lefts)
             ar = (a @ rights.reshape(heads * p, -1).T).view(batch, seq, heads, p).transpose(1, 2)
