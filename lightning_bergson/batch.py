@@ -207,19 +207,24 @@ def collate_batch(rows: Sequence[Mapping[str, Any]], pad_token_id: int) -> dict[
     """Right-pad rows of ``input_ids`` to the longest one and build the batch contract.
 
     Args:
-        rows: Mappings with ``input_ids`` (list of ints), ``example_id`` (int) and
-            optionally ``labels`` (list of ints, ``-100`` = not supervised, same length).
+        rows: Mappings with ``input_ids`` (list of ints), ``example_id`` (int), optionally
+            ``labels`` (list of ints, ``-100`` = not supervised, same length) and optionally
+            ``advantage`` (float, the weight of a reward-weighted loss; all rows or none).
         pad_token_id: Id written at padded positions of ``input_ids``.
 
     Returns:
-        ``input_ids``, ``attention_mask``, ``labels`` ([B, S] int64; labels -100 at padding)
-        and ``example_id`` ([B] int64).
+        ``input_ids``, ``attention_mask``, ``labels`` ([B, S] int64; labels -100 at padding),
+        ``example_id`` ([B] int64) and, when the rows have one, ``advantage`` ([B] float32).
 
     Example:
         >>> b = collate_batch([{"input_ids": [3, 4], "example_id": 0},
         ...                    {"input_ids": [5], "example_id": 1}], pad_token_id=0)
         >>> b["labels"].tolist(), b["example_id"].tolist()
         ([[3, 4], [5, -100]], [0, 1])
+        >>> b = collate_batch([{"input_ids": [3, 4], "labels": [-100, 4], "example_id": 2,
+        ...                     "advantage": 0.5}], pad_token_id=0)
+        >>> b["labels"].tolist(), b["advantage"]
+        ([[-100, 4]], tensor([0.5000]))
     """
     length = max(len(row["input_ids"]) for row in rows)
     input_ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)  # (B, S)
@@ -230,11 +235,26 @@ def collate_batch(rows: Sequence[Mapping[str, Any]], pad_token_id: int) -> dict[
         input_ids[i, :n] = torch.as_tensor(row["input_ids"], dtype=torch.long)
         attention_mask[i, :n] = 1
         given = row.get("labels")
+        if given is not None and len(given) != n:
+            raise ValueError(
+                f"row example_id={row['example_id']} has {len(given)} labels for {n} input_ids;"
+                " labels must have one entry (-100 = not supervised) per token."
+            )
         labels[i, :n] = input_ids[i, :n] if given is None else torch.as_tensor(given)
     example_id = torch.tensor([int(row["example_id"]) for row in rows], dtype=torch.long)  # (B,)
-    return {
+    batch = {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "labels": labels,
         "example_id": example_id,
     }
+    with_advantage = ["advantage" in row for row in rows]
+    if any(with_advantage):
+        if not all(with_advantage):
+            raise ValueError(
+                f"{with_advantage.count(False)} of {len(rows)} rows have no 'advantage'; give"
+                " every row of a batch an advantage or none."
+            )
+        values = [float(row["advantage"]) for row in rows]
+        batch["advantage"] = torch.tensor(values, dtype=torch.float32)  # (B,)
+    return batch

@@ -150,7 +150,7 @@ def test_save_to_disk_directory(tmp_path: Path) -> None:
     datasets.Dataset.from_dict({"body": texts, "n": list(range(len(texts)))}).save_to_disk(path)
     dm = TextDataModule(
         str(path),
-        text_field="body",
+        text_column="body",
         tokenizer_vocab_size=300,
         max_length=128,
         cache_dir=str(tmp_path),
@@ -199,7 +199,7 @@ def test_bad_arguments(tmp_path: Path) -> None:
     path = tmp_path / "ds"
     datasets.Dataset.from_dict({"body": ["a", "b"], "title": ["x", "y"]}).save_to_disk(path)
     dm = TextDataModule(str(path), tokenizer_vocab_size=300, cache_dir=str(tmp_path))
-    with pytest.raises(ValueError, match=r"text_field='text'.*\['body', 'title'\]"):
+    with pytest.raises(ValueError, match=r"text_column='text'.*\['body', 'title'\]"):
         dm.setup("fit")
     with pytest.raises(ValueError, match="data_files"):
         TextDataModule("json")

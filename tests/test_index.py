@@ -65,7 +65,7 @@ def test_index_command_over_a_checkpoint(tmp_path):
         max_steps=2, default_root_dir=tmp_path / "run", logger=False, enable_progress_bar=False
     )
     trainer.fit(CausalLMModule(config=config, lr=1e-2), data)
-    cfg = yaml.safe_load((ROOT / "configs" / "index.yaml").read_text())
+    cfg = yaml.safe_load((ROOT / "configs" / "index_quickstart.yaml").read_text())
     init = cfg["trainer"]["callbacks"][0]["init_args"]
     init.update(path=str(tmp_path / "idx.zarr"), normalizer="none", head_cfgs=None, dtype="float32")
     cfg["trainer"].update(enable_progress_bar=False, default_root_dir=str(tmp_path))

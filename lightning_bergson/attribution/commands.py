@@ -7,7 +7,7 @@ Each command is a typed function parsed by jsonargparse (``--help``, ``--print_c
         --model runs/quickstart --query "Alice Moreau was born in" --top_k 5
     python -m lightning_bergson score --store ... --model ... --fact all --out scores.zarr
     python -m lightning_bergson report --scores scores.zarr --out report/
-    python -m lightning_bergson index --config configs/index.yaml   # = fit with IndexModule
+    python -m lightning_bergson index --model <dir or name> --dataset <texts>   # Bergson build
 
 The model is a Lightning checkpoint (or a directory holding one: the newest is used), whose
 saved data module gives the tokenizer, the training texts and, for the embedded biography
@@ -309,15 +309,10 @@ def report_main(argv: list[str]) -> None:
 
 
 def index_main(argv: list[str]) -> None:
-    """``python -m lightning_bergson index --config configs/index.yaml``: ``fit`` with IndexModule.
+    """``python -m lightning_bergson index``: ``fit`` with IndexModule and Bergson's flags.
 
-    The config's model must be :class:`~lightning_bergson.attribution.IndexModule`; every
-    ``fit`` option (trainer, strategy, precision, callbacks) applies.
+    See :mod:`lightning_bergson.attribution.index_command`.
     """
-    import warnings
+    from .index_command import index_main as run
 
-    from ..cli import main
-
-    with warnings.catch_warnings():  # argv was already taken apart by the dispatcher
-        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-        main(["fit", *argv])
+    run(argv)

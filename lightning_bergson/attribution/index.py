@@ -16,11 +16,13 @@ or ``python -m lightning_bergson index --config configs/index.yaml``
 
 from __future__ import annotations
 
+import sys
+import time
 from typing import Any
 
 import lightning.pytorch as L
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
@@ -134,6 +136,32 @@ class IndexModule(L.LightningModule):
             )
 
     @override
+    def on_train_start(self) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        dataset = getattr(datamodule, "train_dataset", None)
+        batches = self.trainer.num_training_batches
+        docs = f"{len(dataset)} documents" if dataset is not None else "the training data"
+        _say(f"IndexModule: {docs} in {batches} batches per rank")
+        self._loop = {"start": time.perf_counter(), "rows": 0, "tokens": 0}
+
+    @override
+    def on_train_end(self) -> None:
+        loop = getattr(self, "_loop", None)
+        if loop is None:
+            return
+        seconds = time.perf_counter() - loop["start"]
+        _say(
+            f"IndexModule: gradient loop {seconds:.3f} s, {loop['rows']} rows, "
+            f"{loop['tokens']} tokens ({loop['tokens'] / max(seconds, 1e-9):.0f} tokens/s, rank 0)"
+        )
+
+    @override
+    def on_fit_end(self) -> None:
+        for cb in self.trainer.callbacks:  # type: ignore[attr-defined]
+            if isinstance(cb, GradientCaptureCallback):
+                _say(f"IndexModule: gradient store written to {cb.path}")
+
+    @override
     def on_train_epoch_start(self) -> None:
         self.model.eval()  # no dropout: a post-hoc index describes the deterministic model
 
@@ -148,6 +176,10 @@ class IndexModule(L.LightningModule):
         capture_example_loss(self, example_loss)
         self.manual_backward(example_loss.sum() + 0.0 * self.ddp_anchor)
         self.ddp_anchor.grad = None  # nothing accumulates: there is no optimizer step
+        if hasattr(self, "_loop"):
+            self._loop["rows"] += len(sums)
+            mask = batch.get("attention_mask")
+            self._loop["tokens"] += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
         mean = sums.detach().sum() / counts.sum().clamp(min=1)
         self.log("index/loss", mean, prog_bar=True, batch_size=len(sums))
         return {"loss": example_loss.detach().sum()}
@@ -155,6 +187,12 @@ class IndexModule(L.LightningModule):
     @override
     def configure_optimizers(self) -> Any:
         return None
+
+
+@rank_zero_only
+def _say(message: str) -> None:
+    """One line of progress on stderr, from rank 0 (next to Lightning's own lines)."""
+    print(message, file=sys.stderr, flush=True)
 
 
 def _check_callback(cb: GradientCaptureCallback) -> None:
