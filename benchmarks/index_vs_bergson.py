@@ -57,8 +57,8 @@ def prepare(case: str, root: Path) -> tuple[Path, Path, int]:
     bios = list(make_biographies(max(250, spec["docs"] // 2), seed=0).texts)
     gen = torch.Generator().manual_seed(0)
     docs = []
-    for i in range(spec["docs"]):  # 1 to 3 biographies per document: varied lengths
-        k = int(torch.randint(1, 4, (1,), generator=gen))
+    for i in range(spec["docs"]):  # 1 to 16 biographies per document: varied lengths
+        k = int(torch.randint(1, 17, (1,), generator=gen))
         docs.append(" ".join(bios[(i + j) % len(bios)] for j in range(k)))
     tokenizer = train_tokenizer(bios, vocab_size=2048)
     vocab = spec["vocab"] or len(tokenizer)
@@ -241,7 +241,7 @@ def main() -> None:
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     parser.add_argument("--repeats", type=int, default=3, help="alternated rounds (median)")
     parser.add_argument("--projection-dim", type=int, default=16)
-    parser.add_argument("--token-batch-size", type=int, default=4096)
+    parser.add_argument("--token-batch-size", type=int, default=2048)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
         "--bergson-python", default=sys.executable, help="interpreter with bergson installed"
