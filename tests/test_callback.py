@@ -168,7 +168,8 @@ def test_same_example_in_different_batches(tmp_path):
     rows = store.read(slice(None))
     for example in range(100, 109):
         a, b = rows[torch.as_tensor(store.example_ids == example).nonzero().flatten()]
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        # float32 rounding differs with the batch's shapes; a wrong row differs by O(1)
+        assert float((a - b).norm() / a.norm()) < 1e-5, example
 
 
 def _manual_normalized_rows(net, data, batch_size, make_opt, kind):
@@ -207,7 +208,8 @@ def _manual_normalized_rows(net, data, batch_size, make_opt, kind):
     ("optimizer", "kind"), [("adamw", "adam"), ("adamw", "adafactor"), ("adafactor", "adafactor")]
 )
 def test_optimizer_normalizers_use_state_after_each_step(tmp_path, optimizer, kind):
-    net = tiny_gpt_neox()
+    # float64: Adam's 1/sqrt(v) amplifies float32 rounding of the replayed trajectory
+    net = tiny_gpt_neox().double()
     data = lm_batch(num=9, seq=8)
     if optimizer == "adamw":
 
