@@ -200,7 +200,9 @@ def run_case(args, case: str, root: Path) -> dict:
     out.mkdir()
     cmds = commands(args, model_dir, data_dir, out)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
-    results: dict[str, dict[str, list[float]]] = {k: {"wall": [], "loop": [], "rss": []} for k in cmds}
+    results: dict[str, dict[str, list[float]]] = {
+        k: {"wall": [], "loop": [], "rss": []} for k in cmds
+    }
     for rep in range(args.repeats + 1):  # the first round warms caches and is dropped
         for name, cmd in cmds.items():
             if name == "bergson":
@@ -208,7 +210,9 @@ def run_case(args, case: str, root: Path) -> dict:
             wall, rss, text = _measure(cmd, env)
             loop = LOOP.findall(text)
             if not loop:
-                raise RuntimeError(f"{name}: no 'gradient loop' line in its output:\n{text[-2000:]}")
+                raise RuntimeError(
+                    f"{name}: no 'gradient loop' line in its output:\n{text[-2000:]}"
+                )
             if rep:
                 results[name]["wall"].append(wall)
                 results[name]["loop"].append(float(loop[-1][0]))
@@ -222,7 +226,9 @@ def report(res: dict) -> None:
     print(f"\n== {res['case']}: {CASES[res['case']]}, {tokens} tokens ==")
     print(f"{'':10}{'wall s':>9}{'loop s':>9}{'tok/s':>10}{'RSS MiB':>10}")
     for name, m in med.items():
-        print(f"{name:10}{m['wall']:9.2f}{m['loop']:9.2f}{tokens / m['loop']:10.0f}{m['rss']:10.0f}")
+        print(
+            f"{name:10}{m['wall']:9.2f}{m['loop']:9.2f}{tokens / m['loop']:10.0f}{m['rss']:10.0f}"
+        )
     ours = med["ours"]
     print(f"loop / floor          {ours['loop'] / med['floor']['loop']:.3f}  (target <= 1.10)")
     if "bergson" in med:

@@ -45,6 +45,7 @@ __all__ = [
     "IndexModule",
     "MagicModule",
     "TextDataModule",
+    "capture_example_loss",
     "make_biographies",
     "normalizers_from_optimizer",
 ]

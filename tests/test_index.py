@@ -130,9 +130,8 @@ def _index(tmp_path, net, data, name="i.zarr", batch_size=3, **kwargs):
     probe = _FrozenProbe()
     t = trainer(cb)
     t.callbacks.append(probe)
-    from torch.utils.data import DataLoader
-
     from oracles import Rows
+    from torch.utils.data import DataLoader
 
     t.fit(IndexModule(net), DataLoader(Rows(data), batch_size=batch_size))
     return probe

@@ -154,7 +154,8 @@ def test_reward_column_weights_rows_by_the_group_advantage(tmp_path, model_dir):
     store = _run(
         tmp_path, model_dir, data, "--reward_column", "reward", "--prompt_column", "prompt"
     )
-    means = {p: np.mean([r for q, r in zip(prompts, rewards) if q == p]) for p in set(prompts)}
+    pairs = list(zip(prompts, rewards, strict=True))
+    means = {p: np.mean([r for q, r in pairs if q == p]) for p in set(prompts)}
     advantage = [r - means[p] for p, r in zip(prompts, rewards, strict=True)]
     tok = AutoTokenizer.from_pretrained(model_dir)
     docs = [(ids, ids) for ids in tok(texts)["input_ids"]]

@@ -179,7 +179,9 @@ class IndexModule(L.LightningModule):
         if hasattr(self, "_loop"):
             self._loop["rows"] += len(sums)
             mask = batch.get("attention_mask")
-            self._loop["tokens"] += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+            self._loop["tokens"] += (
+                int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+            )
         mean = sums.detach().sum() / counts.sum().clamp(min=1)
         self.log("index/loss", mean, prog_bar=True, batch_size=len(sums))
         return {"loss": example_loss.detach().sum()}

@@ -100,26 +100,49 @@ def build_parser() -> argparse.ArgumentParser:
     a("--overwrite", action="store_true", default=None, help="replace an existing store")
     a("--model", help="Hub name, save_pretrained directory or Lightning checkpoint")
     a("--tokenizer", help="tokenizer name or directory (default: the model's own)")
-    a("--dtype", choices=["auto", "float32", "float64", "bfloat16", "float16"],
-      help="parameter dtype (default float32)")
+    a(
+        "--dtype",
+        choices=["auto", "float32", "float64", "bfloat16", "float16"],
+        help="parameter dtype (default float32)",
+    )
     a("--precision", help="Lightning precision, e.g. 32-true, bf16-mixed (default 32-true)")
     a("--devices", help="devices per node (e.g. 2, or 'auto'); >1 uses DDP")
-    a("--dataset", help="Hub name, save_to_disk directory, or a .json/.jsonl/.parquet/.csv/.txt file")
+    a(
+        "--dataset",
+        help="Hub name, save_to_disk directory, or a .json/.jsonl/.parquet/.csv/.txt file",
+    )
     a("--split", help="dataset split (default train)")
     a("--text_column", help="column with each document's text (default text)")
     a("--prompt_column", help="prompts; with --completion_column only completions are labelled")
     a("--completion_column", help="completions (their tokens alone carry the loss)")
-    a("--conversation_column", help="chat messages; the chat template is applied and only "
-      "assistant tokens are labelled")
-    a("--reward_column", help="rewards: rows are grad A_i L_i with A_i = r_i - mean reward "
-      "of the same prompt (Dr. GRPO)")
-    a("--skip_nan_rewards", action="store_true", default=None,
-      help="skip rows whose reward is NaN (default: stop with an error)")
-    a("--truncation", action="store_true", default=None,
-      help="truncate documents to --max_length (default: a longer document is an error)")
+    a(
+        "--conversation_column",
+        help="chat messages; the chat template is applied and only assistant tokens are labelled",
+    )
+    a(
+        "--reward_column",
+        help="rewards: rows are grad A_i L_i with A_i = r_i - mean reward "
+        "of the same prompt (Dr. GRPO)",
+    )
+    a(
+        "--skip_nan_rewards",
+        action="store_true",
+        default=None,
+        help="skip rows whose reward is NaN (default: stop with an error)",
+    )
+    a(
+        "--truncation",
+        action="store_true",
+        default=None,
+        help="truncate documents to --max_length (default: a longer document is an error)",
+    )
     a("--max_length", type=int, help="longest document in tokens (default: the model's limit)")
-    a("--append_eos", action="store_true", default=None,
-      help="append the tokenizer's EOS to every document (Bergson does not)")
+    a(
+        "--append_eos",
+        action="store_true",
+        default=None,
+        help="append the tokenizer's EOS to every document (Bergson does not)",
+    )
     a("--token_batch_size", type=int, help="tokens per batch, padding included (default 2048)")
     a("--projection_dim", type=int, help="p of the p x p projection per module; 0 = exact")
     a("--normalizer", choices=["none", "adafactor", "adam"], help="preconditioner (default none)")
@@ -304,7 +327,8 @@ def _print_plan(cfg: dict[str, Any], resolved: Path) -> None:
         f"{bool(data.get('truncation'))}, append_eos {bool(data.get('append_eos'))}, "
         f"token_batch_size {data.get('token_batch_size')}",
         f"  rows       projection_dim {capture.get('projection_dim', 16)}, normalizer "
-        f"{capture.get('normalizer', 'none')}, loss_reduction {capture.get('loss_reduction', 'sum')}",
+        f"{capture.get('normalizer', 'none')}, "
+        f"loss_reduction {capture.get('loss_reduction', 'sum')}",
         f"  store      {capture.get('path')}",
         f"  config     {resolved}",
     ]

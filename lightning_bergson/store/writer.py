@@ -14,8 +14,8 @@ import zarr
 
 from .schema import (
     COLUMNS,
-    OPTIONAL_COLUMNS,
     DTYPES,
+    OPTIONAL_COLUMNS,
     GradientStoreWriteError,
     ModuleBlock,
     Rows,
