@@ -11,12 +11,17 @@ and prints GB/s of stored bytes for both and their ratio (target >= 0.5). The st
 read through the page cache (it was just written), so this measures the scan pipeline,
 not the disk.
 
+It also times the same search on a copy of the store whose gradient chunks carry no crc32c
+checksum (the checksum bytes stripped, the codec removed from the metadata) and prints the
+throughput with checksums over without (target >= 0.9).
+
 Run: ``python benchmarks/scan_throughput.py`` (``--help`` for sizes).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import statistics
 import tempfile
@@ -38,7 +43,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--queries", type=int, default=8, help="queries scored at once")
     p.add_argument("--k", type=int, default=10, help="top-k per query")
     p.add_argument("--chunk_rows", type=int, default=None, help="rows per read (default: auto)")
-    p.add_argument("--repeats", type=int, default=3, help="alternating timing pairs")
+    p.add_argument("--repeats", type=int, default=5, help="alternating timing rounds")
     p.add_argument("--dir", default=None, help="where to write the store (default: a temp dir)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     return p.parse_args()
@@ -60,6 +65,20 @@ def write_store(path: Path, rows: int, dim: int, dtype: str) -> None:
             )
 
 
+def strip_checksums(src: Path, dst: Path) -> None:
+    """Copy the store at ``src`` to ``dst`` with the gradients' crc32c removed (baseline)."""
+    shutil.copytree(src, dst)
+    for rank in dst.glob("rank_*"):
+        grads = rank / "gradients"
+        meta = json.loads((grads / "zarr.json").read_text())
+        assert [c["name"] for c in meta["codecs"]] == ["bytes", "crc32c"], meta["codecs"]
+        meta["codecs"] = meta["codecs"][:1]
+        (grads / "zarr.json").write_text(json.dumps(meta))
+        for chunk in (grads / "c").rglob("*"):
+            if chunk.is_file():
+                chunk.write_bytes(chunk.read_bytes()[:-4])
+
+
 def main() -> None:
     args = parse_args()
     if args.threads:
@@ -74,6 +93,7 @@ def main() -> None:
         f"writing {rows} rows x {args.dim} {args.dtype} ({rows * args.dim * itemsize / 1e9:.2f} GB)"
     )
     write_store(path, rows, args.dim, args.dtype)
+    strip_checksums(path, root / "plain.zarr")
     try:
         store = GradientStore.open(path)
         nbytes = rows * args.dim * itemsize
@@ -81,16 +101,22 @@ def main() -> None:
         attr = Attributor(store, chunk_rows=args.chunk_rows)
         in_memory = store.read(slice(None), dtype=torch.float32)  # (N, D): the baseline's copy
 
+        plain = Attributor(GradientStore.open(root / "plain.zarr"), chunk_rows=args.chunk_rows)
+
         def scan() -> torch.Tensor:
             return attr.search(queries, k=args.k).rows
+
+        def scan_plain() -> torch.Tensor:
+            return plain.search(queries, k=args.k).rows
 
         def matmul() -> torch.Tensor:
             return (queries @ in_memory.T).topk(args.k, dim=1).indices
 
         assert torch.equal(scan(), matmul()), "streamed top-k differs from the in-memory top-k"
-        times: dict[str, list[float]] = {"scan": [], "matmul": []}
+        assert torch.equal(scan_plain(), matmul()), "the copy without checksums differs"
+        times: dict[str, list[float]] = {"scan": [], "matmul": [], "plain": []}
         for _ in range(args.repeats):
-            for name, fn in (("scan", scan), ("matmul", matmul)):
+            for name, fn in (("scan", scan), ("matmul", matmul), ("plain", scan_plain)):
                 start = time.perf_counter()
                 fn()
                 times[name].append(time.perf_counter() - start)
@@ -100,7 +126,10 @@ def main() -> None:
               f"torch threads: {torch.get_num_threads()}")  # fmt: skip
         print(f"Attributor.search (on disk): {scan_gbs:6.2f} GB/s")
         print(f"in-memory matmul + topk:     {mm_gbs:6.2f} GB/s")
+        plain_gbs = nbytes / statistics.median(times["plain"]) / 1e9
         print(f"ratio: {scan_gbs / mm_gbs:.2f} (target >= 0.5)")
+        print(f"search without checksums:    {plain_gbs:6.2f} GB/s")
+        print(f"checksum ratio: {scan_gbs / plain_gbs:.2f} (with / without; target >= 0.9)")
     finally:
         if args.dir is None:
             shutil.rmtree(root, ignore_errors=True)

@@ -235,14 +235,23 @@ class GradientCaptureCallback(Callback):
         self._warned: set[str] = set()
         self._report_capture(trainer, network)
         self._trainer = trainer
+
+    @override
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Here, not in on_fit_start: the train dataloader is loaded, so the store can be
+        # sized for the rows to come (one right-sized chunk for a short run).
+        network = self._network(pl_module)
+        expected = trainer.strategy.broadcast(_expected_rows(trainer), src=0)
         # Rank 0 creates (or replaces) the store first; the others then add their groups.
         if trainer.global_rank == 0:
-            self.writer = self._open_writer(trainer, network)
+            self.writer = self._open_writer(trainer, network, expected)
         trainer.strategy.barrier("GradientCaptureCallback.open_store")
         if trainer.global_rank != 0:
-            self.writer = self._open_writer(trainer, network)
+            self.writer = self._open_writer(trainer, network, expected)
 
-    def _open_writer(self, trainer: L.Trainer, network: nn.Module) -> GradientStoreWriter:
+    def _open_writer(
+        self, trainer: L.Trainer, network: nn.Module, expected_rows: int | None = None
+    ) -> GradientStoreWriter:
         assert self.collector is not None
         rank = trainer.global_rank
         if self._resume_rows is not None:
@@ -266,6 +275,7 @@ class GradientCaptureCallback(Callback):
             chunk_rows=self.chunk_rows,
             metadata=self._metadata(network),
             overwrite=self.overwrite,
+            expected_rows=expected_rows,
         )
 
     @override
@@ -385,16 +395,20 @@ class GradientCaptureCallback(Callback):
             return  # no backward through tracked modules (e.g. a skipped batch)
         batch = len(info.example_id)
         assert info.scale is not None
-        parts = []
+        parts, like = [], next(iter(rows.values()))
         for block in self.collector.blocks:
             part = rows.get(block.name)
             if part is None:  # a module that took no part in this forward
                 self._warn_missing(block.name, info.step)
-                part = torch.zeros(batch, math.prod(block.shape))
-            part = part.detach() * info.scale.to(part)[:, None]  # (B, D_block)
-            parts.append(part.to("cpu", torch.float32))
-        grads = torch.cat(parts, dim=1)  # (B, D)
-        finite = torch.isfinite(grads).all(dim=1)
+                part = like.new_zeros(batch, math.prod(block.shape))
+            parts.append(part.detach())
+        grads = torch.cat(parts, dim=1)  # (B, D), in the rows' dtype (float64 stays exact)
+        grads = grads.mul_(info.scale.to(grads)[:, None]).to("cpu", torch.float32)
+        # A finite row sum means a finite row (NaN and inf propagate); only a row whose sum
+        # is not finite (or overflowed) needs the elementwise test.
+        finite = torch.isfinite(grads.sum(dim=1))
+        if not bool(finite.all()):
+            finite = torch.isfinite(grads).all(dim=1)
         if not bool(finite.all()):
             rank_zero_warn(
                 f"non-finite gradients for example ids {info.example_id[~finite].tolist()[:10]} "
@@ -408,6 +422,7 @@ class GradientCaptureCallback(Callback):
             torch.full((batch,), epoch, dtype=torch.int32),
             info.loss,
             info.advantage,
+            finite=finite,
         )
 
     def _warn_missing(self, block: str, step: int) -> None:
@@ -613,6 +628,23 @@ def _unobserve_training_step(pl_module: L.LightningModule, callback: Any) -> Non
         callbacks.remove(callback)
     if not callbacks:
         del pl_module.__dict__["training_step"]
+
+
+def _expected_rows(trainer: L.Trainer) -> int | None:
+    """Rows this rank will capture if the fit runs to its end, when that is known.
+
+    Every micro-batch gives ``batch_size`` rows; ``None`` for an unsized loader (a batch
+    sampler, an iterable dataset), an open-ended fit or several train loaders.
+    """
+    loader = trainer.train_dataloader
+    size = getattr(loader, "batch_size", None)
+    batches = trainer.num_training_batches
+    if not isinstance(size, int) or not math.isfinite(batches) or trainer.max_epochs in (None, -1):
+        return None
+    micro = int(batches) * max(trainer.max_epochs, 1)
+    if trainer.max_steps != -1:
+        micro = min(micro, trainer.max_steps * trainer.accumulate_grad_batches)
+    return micro * size
 
 
 def _check_choice(name: str, value: str, valid: tuple[str, ...]) -> None:

@@ -30,6 +30,7 @@ SUBCOMMANDS: dict[str, str] = {
     "score": "lightning_bergson.attribution.commands:score_main",
     "report": "lightning_bergson.attribution.commands:report_main",
     "index": "lightning_bergson.attribution.commands:index_main",
+    "verify": "lightning_bergson.store.integrity:verify_main",
 }
 """Subcommands outside LightningCLI: name -> ``"module:function"`` taking the remaining argv."""
 

@@ -203,6 +203,37 @@ def test_heads_with_adafactor_normalizer_on_both_axes(model, batch, oracle, perm
             assert rel_err(rows[key], (left @ want @ right.T).flatten(1)) <= 1e-5, key
 
 
+@pytest.mark.parametrize("p", [0, 3])
+def test_gathered_heads_with_bias_and_adafactor(model, batch, oracle, p):
+    """Section-gathered heads on either axis, a bias column and Adafactor scales together.
+
+    The projected path folds the bias and the scales into the projections and gathers
+    the heads of the input axis before projecting; this is the explicit route.
+    """
+    norms = _random_moments(model, [QKV], bias=True, kind="adafactor")
+    qkv = HeadConfig(4, 24, sections=3)
+    dense = HeadConfig(4, 8, axis="input", sections=2)
+    rows = collect(model, batch, projection_dim=p, include=[QKV], head_cfgs={QKV: qkv},
+                   normalizers=norms, include_bias=True, seed=6)  # fmt: skip
+    dense_rows = collect(model, batch, projection_dim=p, include=[DENSE], head_cfgs={DENSE: dense},
+                         seed=6)  # fmt: skip
+    norm = norms[QKV]
+    v = norm.row[:, None] * norm.col / norm.row.mean()
+    order = torch.tensor(qkv.permutation(96))
+    qkv_full = (module_grad(oracle, QKV, bias=True) / v.sqrt())[:, order]
+    dense_full = module_grad(oracle, DENSE)[:, :, torch.tensor(dense.permutation(32))]
+    for h in range(4):
+        for key, want, got in (
+            (f"{QKV}.head_{h}", qkv_full[:, 24 * h : 24 * (h + 1)], rows),
+            (f"{DENSE}.head_{h}", dense_full[:, :, 8 * h : 8 * (h + 1)], dense_rows),
+        ):
+            if p:
+                left = projection_matrix(p, want.shape[1], seed=6, key=key, side="left")
+                right = projection_matrix(p, want.shape[2], seed=6, key=key, side="right")
+                want = left @ want @ right.T
+            assert rel_err(got[key], want.flatten(1)) <= 1e-5, key
+
+
 def test_heads_with_adam_normalizer(model, batch, oracle):
     norms = _random_moments(model, [QKV], bias=False, kind="adam")
     rows = collect(

@@ -6,9 +6,11 @@ import errno
 import json
 from pathlib import Path
 
+import google_crc32c
 import numpy as np
 import pytest
 import torch
+import zarr
 
 import lightning_bergson.store.writer as store_mod
 from lightning_bergson.store import (
@@ -137,7 +139,7 @@ def test_golden_on_disk_layout(tmp_path):
     attrs = root["attributes"]
     assert isinstance(attrs.pop("package_version"), str)
     assert attrs == {
-        "schema_version": 1,
+        "schema_version": 2,
         "format": "lightning_bergson.gradient_store",
         "modules": [
             {
@@ -199,10 +201,17 @@ def test_golden_on_disk_layout(tmp_path):
             "configuration": {"chunk_shape": [8, *tail]},
         }
         assert arr["chunk_key_encoding"]["configuration"]["separator"] == "/"
-        assert [c["name"] for c in arr["codecs"]] == ["bytes"]  # no compression
-    # Chunks are plain little-endian bytes: chunk 1 of example_id holds rows 8..15 (3 written).
-    raw = np.frombuffer((path / "rank_0" / "example_id" / "c" / "1").read_bytes(), "<i8")
+        assert [c["name"] for c in arr["codecs"]] == ["bytes", "crc32c"]  # no compression
+    # Chunks are plain little-endian bytes and their crc32c: chunk 1 of example_id holds rows
+    # 8..15 (3 written, the rest padding), then 4 checksum bytes.
+    data = (path / "rank_0" / "example_id" / "c" / "1").read_bytes()
+    assert len(data) == 8 * 8 + 4
+    raw = np.frombuffer(data[:-4], "<i8")
     np.testing.assert_array_equal(raw[:3], np.arange(8, 11) * 7)
+    assert int.from_bytes(data[-4:], "little") == google_crc32c.value(data[:-4])
+    # Every chunk of the committed rows is stored, even one of fill values only (epoch 0).
+    for name in ARRAYS:
+        assert sorted(p.name for p in (path / "rank_0" / name / "c").iterdir()) == ["0", "1"]
 
 
 def test_default_chunk_rows_targets_4mib(tmp_path):
@@ -422,8 +431,20 @@ def test_open_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"missing\.zarr"):
         GradientStore.open(tmp_path / "missing.zarr")
     (tmp_path / "plain").mkdir()
-    with pytest.raises(ValueError, match=r"plain is not a lightning_bergson gradient store"):
+    with pytest.raises(ValueError, match=r"plain is not a gradient store: it has no zarr\.json"):
         GradientStore.open(tmp_path / "plain")
+    (tmp_path / "README.md").write_text("notes")
+    with pytest.raises(ValueError, match=r"README\.md is a file, not a gradient store"):
+        GradientStore.open(tmp_path / "README.md")
+    zarr.create_group(store=str(tmp_path / "other.zarr"), attributes={"x": 1})
+    with pytest.raises(ValueError, match=r"other\.zarr is not a lightning_bergson gradient store"
+                       r" \(its zarr\.json has no format="):  # fmt: skip
+        GradientStore.open(tmp_path / "other.zarr")
+    scores = {"format": "lightning_bergson.scores"}
+    zarr.create_group(store=str(tmp_path / "s.zarr"), attributes=scores)
+    with pytest.raises(ValueError, match=r"s\.zarr is not a lightning_bergson gradient store: it "
+                       r"holds a score array"):  # fmt: skip
+        GradientStore.open(tmp_path / "s.zarr")
     path = tmp_path / "run.zarr"
     _write(path, [2])
     root = _json(path / "zarr.json")

@@ -1,7 +1,8 @@
 """Fast sequential reads of whole store rows into reused buffers (the scan's input).
 
 Gradient stores are written uncompressed (DESIGN.md: gradients do not compress), so a
-chunk file of ``rank_<r>/gradients`` is the chunk's rows as raw little-endian bytes. For
+chunk file of ``rank_<r>/gradients`` is the chunk's rows as raw little-endian bytes
+followed by their crc32c (schema 2), which is verified for every chunk read. For
 a full-row scan the reader ``readinto``\\ s those bytes straight into a ring of reused
 buffers and casts them into a second ring in the scoring dtype: no per-chunk allocation
 (fresh pages cost more than the copy) and no intermediate arrays. Whenever the layout is
@@ -19,65 +20,100 @@ import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import google_crc32c
 import numpy as np
 import torch
-import zarr
 
-from ..store import GradientStore
+from ..store import GradientStore, StoreIntegrityError
+from ..store.integrity import ChunkGuard, integrity_error
 
 __all__ = ["iter_rows"]
 
 Chunk = tuple[int, torch.Tensor]
 
 
-def _raw_layout(store: GradientStore) -> list[tuple[zarr.Array, Path, int]] | None:
-    """``(array, directory, rows)`` per rank with rows, if every array is raw bytes."""
+class _RawArray:
+    """One rank's gradient array read as raw chunk files, checksums verified if present."""
+
+    def __init__(self, guard: ChunkGuard, root: Path, checksum: bool) -> None:
+        self.guard, self.root, self.checksum = guard, root, checksum
+        self.arr = guard.array
+        self.per_chunk = int(self.arr.chunks[0])
+        self._cached: tuple[int, np.ndarray] | None = None  # last whole chunk read
+
+    def chunk_path(self, k: int) -> Path:
+        return self.root / self.arr.metadata.encode_chunk_key((k, 0))
+
+    def _damage(self, k: int, kind: str, detail: str = "") -> StoreIntegrityError:
+        return integrity_error(self.guard.path, [self.guard.damage(k, kind, detail)])
+
+    def _whole(self, k: int, dest: np.ndarray) -> None:
+        """Chunk ``k`` (all its rows, padding included) into ``dest``, verified."""
+        path = self.chunk_path(k)
+        view = memoryview(dest.reshape(-1).view(np.uint8))
+        try:
+            with open(path, "rb", buffering=0) as f:
+                got = f.readinto(view)
+                tail = f.read(5) if self.checksum else f.read(1)
+        except FileNotFoundError:
+            if self.guard.checked:
+                raise self._damage(k, "missing") from None
+            dest[...] = self.arr.metadata.fill_value  # an old store: never written
+            return
+        if not self.checksum:
+            if got != len(view) or tail:
+                raise self._damage(k, "unreadable", "its file has the wrong size")
+            return
+        if got != len(view) or len(tail) != 4:
+            raise self._damage(k, "checksum", "its file has the wrong size")
+        frozen = dest.reshape(-1).view(np.uint8)
+        frozen.flags.writeable = False  # a read-only view: what the crc32c extension takes
+        if google_crc32c.value(frozen) != int.from_bytes(tail, "little"):
+            raise self._damage(k, "checksum")
+
+    def read(self, start: int, stop: int, out: np.ndarray) -> None:
+        """Rows ``[start, stop)`` of this rank into ``out`` ``[stop - start, D]``."""
+        c = self.per_chunk
+        for k in range(start // c, (stop - 1) // c + 1):
+            lo, hi = max(start, k * c), min(stop, (k + 1) * c)
+            dest = out[lo - start : hi - start]
+            if hi - lo == c:  # the whole chunk: straight into the output
+                self._whole(k, dest)
+                continue
+            if self._cached is None or self._cached[0] != k:  # a chunk split between reads
+                buf = np.empty((c, out.shape[1]), dtype=out.dtype)
+                self._whole(k, buf)
+                self._cached = (k, buf)
+            dest[...] = self._cached[1][lo - k * c : hi - k * c]
+
+
+def _raw_layout(store: GradientStore) -> list[tuple[_RawArray, int]] | None:
+    """``(raw array, rows)`` per rank with rows, if every array is raw bytes (+ crc32c)."""
     if sys.byteorder != "little":
         return None
-    counts = np.bincount(store.ranks, minlength=int(store.attrs["world_size"]))
     out = []
-    for rank, rows in enumerate(counts.tolist()):
-        if rows == 0:
-            continue
-        arr = zarr.open_array(str(store.path / f"rank_{rank}" / "gradients"), mode="r")
-        meta = arr.metadata
-        codecs = getattr(meta, "codecs", ())
+    for guard in store.gradients.guards:
+        arr = guard.array
+        codecs = [type(c).__name__ for c in getattr(arr.metadata, "codecs", ())]
+        endian = getattr(arr.metadata.codecs[0], "endian", None) if codecs else None
         root = getattr(arr.store, "root", None)
         raw = (
-            len(codecs) == 1
-            and type(codecs[0]).__name__ == "BytesCodec"
-            and str(getattr(codecs[0].endian, "value", codecs[0].endian)) in ("little", "None")
+            codecs in (["BytesCodec"], ["BytesCodec", "Crc32cCodec"])
+            and str(getattr(endian, "value", endian)) in ("little", "None")
             and tuple(arr.chunks) == (arr.chunks[0], store.dim)
             and root is not None
             and arr.dtype == store.dtype
         )
         if not raw:
             return None
-        out.append((arr, Path(str(root)) / arr.path, rows))
+        checksum = codecs[-1] == "Crc32cCodec"
+        out.append((_RawArray(guard, Path(str(root)) / arr.path, checksum), guard.rows))
     return out
-
-
-def _read_rows(arr: zarr.Array, root: Path, start: int, stop: int, out: np.ndarray) -> None:
-    """Rows ``[start, stop)`` of one rank's array into ``out`` ``[stop - start, D]``."""
-    per_chunk = int(arr.chunks[0])
-    row_bytes = out.shape[1] * out.itemsize
-    view = memoryview(out.reshape(-1).view(np.uint8))
-    for k in range(start // per_chunk, (stop - 1) // per_chunk + 1):
-        lo, hi = max(start, k * per_chunk), min(stop, (k + 1) * per_chunk)
-        dest = view[(lo - start) * row_bytes : (hi - start) * row_bytes]
-        path = root / arr.metadata.encode_chunk_key((k, 0))
-        try:
-            with open(path, "rb", buffering=0) as f:
-                f.seek((lo - k * per_chunk) * row_bytes)
-                if f.readinto(dest) != len(dest):
-                    raise OSError(f"{path} is shorter than its chunk")
-        except FileNotFoundError:  # never written: every value is the fill value
-            out[lo - start : hi - start] = arr.metadata.fill_value
 
 
 def _raw_chunks(
     store: GradientStore,
-    layout: list[tuple[zarr.Array, Path, int]],
+    layout: list[tuple[_RawArray, int]],
     chunk_rows: int,
     dtype: torch.dtype,
     ring: int,
@@ -88,14 +124,14 @@ def _raw_chunks(
         outs = [torch.from_numpy(b) for b in raw]
     else:
         outs = [torch.empty(chunk_rows, store.dim, dtype=dtype) for _ in range(ring)]
-    offsets = np.concatenate([[0], np.cumsum([rows for _, _, rows in layout])])
+    offsets = np.concatenate([[0], np.cumsum([rows for _, rows in layout])])
     for i, start in enumerate(range(0, len(store), chunk_rows)):
         stop = min(start + chunk_rows, len(store))
         buf = raw[i % ring][: stop - start]  # (n, D) in the store's dtype
-        for (arr, root, rows), off in zip(layout, offsets.tolist(), strict=False):
+        for (raw_array, rows), off in zip(layout, offsets.tolist(), strict=False):
             a, b = max(start, off), min(stop, off + rows)
             if b > a:
-                _read_rows(arr, root, a - off, b - off, buf[a - start : b - start])
+                raw_array.read(a - off, b - off, buf[a - start : b - start])
         out = outs[i % ring][: stop - start]
         if not same:
             out.copy_(torch.from_numpy(buf))  # (n, D) cast into a reused buffer

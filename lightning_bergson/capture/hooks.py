@@ -257,8 +257,30 @@ class GradientCollector:
             # A clone of a grad-requiring leaf: backward stops here, and later in-place
             # operations on the output stay legal (they would not be on the leaf itself).
             output = replaced = output.detach().requires_grad_().clone()
-        output.register_hook(partial(self._grad_hook, name, inputs[0].detach()))
+        a = inputs[0].detach()
+        if self._early(name):
+            # Project the input now, while it is hot in cache: the backward needs only
+            # ``a R^T`` [B, S, p] per head, and it is kept instead of ``a`` [B, S, I].
+            a = _Projected(self._project_inputs(self.plans[name], a))
+        output.register_hook(partial(self._grad_hook, name, a))
         return replaced
+
+    def _early(self, name: str) -> bool:
+        """Whether module ``name``'s input can be projected in the forward hook.
+
+        Needs a projection, a plain (non-conv, ungrouped) layer and a normalizer known
+        now that acts per feature (Adafactor) or not at all: Adam's needs the full
+        gradient and deferred normalizers arrive after the step.
+        """
+        plan = self.plans[name]
+        norm = self.normalizers.get(name)
+        return (
+            self.projection_dim > 0
+            and not self.defer
+            and plan.conv is None
+            and plan.groups == 1
+            and (norm is None or isinstance(norm, AdafactorNormalizer))
+        )
 
     def _grad_hook(self, name: str, a: Tensor, g: Tensor) -> None:
         if self.defer:
@@ -293,6 +315,9 @@ class GradientCollector:
         (for a convolution ``[B, C, *spatial]`` and ``[B, O, *positions]``).
         """
         plan = self.plans[name]
+        if isinstance(a, _Projected):
+            g = g.reshape(g.shape[0], -1, g.shape[-1]).to(a.inputs.dtype)  # (B, S, O)
+            return self._project_outputs(plan, g, a.inputs)
         dtype = torch.float64 if torch.float64 in (a.dtype, g.dtype) else torch.float32
         if plan.conv is not None:
             a = patches(plan.conv, a.to(dtype))  # (B, P, C * prod(k))
@@ -300,16 +325,16 @@ class GradientCollector:
         batch = g.shape[0]
         a = a.reshape(batch, -1, a.shape[-1]).to(dtype)  # (B, S, I)
         g = g.reshape(batch, -1, g.shape[-1]).to(dtype)  # (B, S, O)
+        norm = self.normalizers.get(name)
+        if self.projection_dim and plan.groups == 1 and not isinstance(norm, AdamNormalizer):
+            return self._project_outputs(plan, g, self._project_inputs(plan, a))
         if plan.groups > 1:
             a = a.view(batch, a.shape[1], plan.groups, -1)  # (B, S, G, I / G)
         if plan.bias:
             a = torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1)  # (B, S, [G,] I+1)
-        norm = self.normalizers.get(name)
-        scales = None
         if isinstance(norm, AdafactorNormalizer):
-            scales = norm.scales(dtype, g.device)  # ([O], [I]): V^-1/2 = outer product
-            if not self.projection_dim or plan.groups > 1:
-                g, a, scales = g * scales[0], a * scales[1], None
+            row, col = norm.scales(dtype, g.device)  # V^-1/2 = outer product of r [O], c [I]
+            g, a = g * row, a * col
         if isinstance(norm, AdamNormalizer) or not self.projection_dim:
             grouped = plan.groups > 1
             full = (
@@ -318,11 +343,9 @@ class GradientCollector:
             if isinstance(norm, AdamNormalizer):
                 full = norm.normalize(full)
             return self._split_full(plan, full)
-        if plan.groups > 1:
-            lefts = self._matrices(plan, "left", plan.head_out, g)  # (1, p, O)
-            rights = self._matrices(plan, "right", plan.head_in, g)  # (1, p, I)
-            return [grouped_projection(a, g, lefts[0], rights[0])]
-        return self._project_factored(plan, a, g, scales)
+        lefts = self._matrices(plan, "left", plan.head_out, g)  # (1, p, O)
+        rights = self._matrices(plan, "right", plan.head_in, g)  # (1, p, I)
+        return [grouped_projection(a, g, lefts[0], rights[0])]
 
     def _split_full(self, plan: _Plan, full: Tensor) -> list[Tensor]:
         """Per-head rows of full per-example gradients ``[B, O, I]``, projected if asked."""
@@ -339,39 +362,63 @@ class GradientCollector:
             parts = lefts @ parts @ rights.transpose(1, 2)  # (B, H, p, p)
         return [parts[:, h].reshape(batch, -1) for h in range(heads)]
 
-    def _project_factored(
-        self, plan: _Plan, a: Tensor, g: Tensor, scales: tuple[Tensor, Tensor] | None = None
-    ) -> list[Tensor]:
-        """``(g L^T)^T (a R^T)`` for every head at once, never forming ``[B, O, I]``.
+    def _project_inputs(self, plan: _Plan, a: Tensor) -> Tensor:
+        """``a R^T`` of every head: ``[B, S, p]`` for one head, else ``[B, H, S, p]``.
 
-        Adafactor ``scales`` ``(r [O], c [I])`` are folded into the projections,
-        ``(g diag(r)) L^T = g (L diag(r))^T``, so the activations are never rescaled.
+        ``a`` is the layer input (``[B, ..., I]``). Projected rows are
+        ``vec((g L^T)^T (a R^T))``, never forming ``[B, O, I]``; the bias column and the
+        Adafactor column scales ``c`` are folded into ``R``
+        (``(a diag(c)) R^T = a (R diag(c))^T``), so the activations are never rescaled.
         """
-        batch, seq, heads, p = g.shape[0], g.shape[1], plan.num_heads, self.projection_dim
-        row_scale, col_scale = scales if scales is not None else (None, None)
-        if plan.perm is not None:  # gather each head's slices of every section
-            perm = plan.permutation(g.device)
-            if plan.split_output:
-                g = g.index_select(-1, perm)  # (B, S, O)
-                row_scale = None if row_scale is None else row_scale[perm]
-            else:
-                a = a.index_select(-1, perm)  # (B, S, I)
-                col_scale = None if col_scale is None else col_scale[perm]
-        lefts = self._matrices(plan, "left", plan.head_out, g)  # (H, p, o)
-        rights = self._matrices(plan, "right", plan.head_in, g)  # (H, p, i)
-        if row_scale is not None:  # per output feature, split like the heads split O
-            lefts = lefts * (row_scale.view(heads, 1, -1) if plan.split_output else row_scale)
+        dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
+        batch, heads, p = a.shape[0], plan.num_heads, self.projection_dim
+        a = a.reshape(batch, -1, a.shape[-1]).to(dtype)  # (B, S, I)
+        seq, col_scale = a.shape[1], None
+        if isinstance(norm := self.normalizers.get(plan.name), AdafactorNormalizer):
+            col_scale = norm.scales(dtype, a.device)[1]
+        if plan.perm is not None and not plan.split_output:  # gather each head's slices
+            perm = plan.permutation(a.device)
+            a = a.index_select(-1, perm)
+            col_scale = None if col_scale is None else col_scale[perm]
+        rights = self._matrices(plan, "right", plan.head_in, a)  # (H, p, i)
         if col_scale is not None:
             rights = rights * (col_scale if plan.split_output else col_scale.view(heads, 1, -1))
-        if heads == 1:  # plain matmuls: (B, S, O) @ (O, p), (B, S, I) @ (I, p)
-            out = (g @ lefts[0].T).transpose(1, 2) @ (a @ rights[0].T)  # (B, p, p)
+        bias = None
+        if plan.bias:  # [a, 1] R^T = a R[:, :I]^T + R[:, I]
+            rights, bias = rights[..., :-1], rights[..., -1]  # (H, p, I), (H, p)
+        if heads == 1:
+            ar = a @ rights[0].T  # (B, S, p)
+            return ar if bias is None else ar + bias[0]
+        if plan.split_output:  # every head sees the whole input
+            ar = (a @ rights.reshape(heads * p, -1).T).view(batch, seq, heads, p)
+            ar = ar if bias is None else ar + bias
+            return ar.transpose(1, 2)  # (B, H, S, p)
+        ar = torch.einsum("bshk,hpk->bhsp", a.view(batch, seq, heads, plan.head_in), rights)
+        return ar  # (B, H, S, p); no bias with an input-axis split
+
+    def _project_outputs(self, plan: _Plan, g: Tensor, ar: Tensor) -> list[Tensor]:
+        """Rows ``vec((g L^T)^T (a R^T))`` of every head from ``g`` [B, S, O] and ``ar``.
+
+        The Adafactor row scales are folded into ``L`` like the column scales into ``R``.
+        """
+        batch, seq, heads, p = g.shape[0], g.shape[1], plan.num_heads, self.projection_dim
+        row_scale = None
+        if isinstance(norm := self.normalizers.get(plan.name), AdafactorNormalizer):
+            row_scale = norm.scales(g.dtype, g.device)[0]
+        if plan.perm is not None and plan.split_output:  # gather each head's slices
+            perm = plan.permutation(g.device)
+            g = g.index_select(-1, perm)  # (B, S, O)
+            row_scale = None if row_scale is None else row_scale[perm]
+        lefts = self._matrices(plan, "left", plan.head_out, g)  # (H, p, o)
+        if row_scale is not None:  # per output feature, split like the heads split O
+            lefts = lefts * (row_scale.view(heads, 1, -1) if plan.split_output else row_scale)
+        if heads == 1:  # plain matmuls: (B, S, O) @ (O, p), then (B, p, S) @ (B, S, p)
+            out = (g @ lefts[0].T).transpose(1, 2) @ ar  # (B, p, p)
             return [out.reshape(batch, p * p)]
         if plan.split_output:
             gl = torch.einsum("bshk,hpk->bhsp", g.view(batch, seq, heads, plan.head_out), lefts)
-            ar = (a @ rights.reshape(heads * p, -1).T).view(batch, seq, heads, p).transpose(1, 2)
         else:
             gl = (g @ lefts.reshape(heads * p, -1).T).view(batch, seq, heads, p).transpose(1, 2)
-            ar = torch.einsum("bshk,hpk->bhsp", a.view(batch, seq, heads, plan.head_in), rights)
         out = gl.transpose(-1, -2) @ ar  # (B, H, p, p)
         return [out[:, h].reshape(batch, p * p) for h in range(heads)]
 
@@ -379,6 +426,15 @@ class GradientCollector:
         """The ``side`` projection of every block of ``plan``, stacked ``[H, p, features]``."""
         names = [b.name for b in plan.blocks]
         return self.projections.get(names, side, features, like.dtype, like.device)  # type: ignore[arg-type]
+
+
+class _Projected:
+    """A layer input already projected in the forward hook (``a R^T``, see ``_early``)."""
+
+    __slots__ = ("inputs",)
+
+    def __init__(self, inputs: Tensor) -> None:
+        self.inputs = inputs
 
 
 def _head_cfg_for(name: str, head_cfgs: Mapping[str, HeadConfig]) -> HeadConfig | None:

@@ -250,6 +250,7 @@ class ScaleObserver:
     def finish(self, *, accumulate: int = 1, loss_scale: float = 1.0) -> Observation:
         """After backward: the micro-batch's scales; raises if they cannot be established."""
         self.active = False
+        self._logits = None  # the step's logits die with the step, not at the next one
         if self._source is None:
             raise CaptureContractError(
                 "the training step's example losses were never seen: training_step must run "

@@ -6,6 +6,8 @@ Layout of a store directory (see DESIGN.md, section 2)::
     run.zarr/rank_<r>/            attrs {"rank", "committed_rows", "complete"}
         gradients [N_r, D]        float16 | float32, chunks (chunk_rows, D), uncompressed
         example_id, step [N_r] int64; epoch [N_r] int32; loss [N_r] float32; finite [N_r] bool
+    Every chunk carries a crc32c checksum and every committed chunk is stored (schema 2), so
+    damaged or missing chunks raise StoreIntegrityError instead of reading as data.
 
 Rows are buffered and written in whole chunks by a background thread; a rank's
 ``committed_rows`` attribute only advances after its rows are on disk, so a reader after a
@@ -21,6 +23,7 @@ Example:
     torch.Size([2, 12])
 """
 
+from .integrity import Damage, VerifyReport, verify_store
 from .reader import GradientStore, LazyRows
 from .schema import (
     FORMAT,
@@ -28,6 +31,7 @@ from .schema import (
     GradientStoreWriteError,
     IncompleteStoreWarning,
     ModuleBlock,
+    StoreIntegrityError,
     layout_blocks,
 )
 from .writer import GradientStoreWriter
@@ -35,11 +39,15 @@ from .writer import GradientStoreWriter
 __all__ = [
     "FORMAT",
     "SCHEMA_VERSION",
+    "Damage",
     "GradientStore",
     "GradientStoreWriteError",
     "GradientStoreWriter",
     "IncompleteStoreWarning",
     "LazyRows",
     "ModuleBlock",
+    "StoreIntegrityError",
+    "VerifyReport",
     "layout_blocks",
+    "verify_store",
 ]

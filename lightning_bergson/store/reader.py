@@ -10,8 +10,8 @@ from typing import Any
 
 import numpy as np
 import torch
-import zarr
 
+from .integrity import ChunkGuard, VerifyReport, rank_guards, verify_store
 from .schema import (
     _AUX_DIRS,
     COLUMNS,
@@ -19,7 +19,6 @@ from .schema import (
     IncompleteStoreWarning,
     ModuleBlock,
     _open_root_attrs,
-    _read_attrs,
 )
 
 __all__ = ["GradientStore", "LazyRows"]
@@ -40,8 +39,9 @@ class LazyRows:
         ((3, 12), (2, 12), (12,))
     """
 
-    def __init__(self, arrays: list[zarr.Array], counts: list[int], dim: int, dtype: np.dtype):
-        self._arrays, self._counts = arrays, counts
+    def __init__(self, arrays: list[ChunkGuard], counts: list[int], dim: int, dtype: np.dtype):
+        self._arrays, self._counts = arrays, counts  # checked reads of each rank's gradients
+        self.guards = arrays
         self._offsets = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
         self.shape, self.dtype = (int(self._offsets[-1]), dim), dtype
 
@@ -76,7 +76,7 @@ class LazyRows:
                 local = uniq[lo:hi] - off
                 contiguous = local[-1] - local[0] + 1 == len(local)
                 sel = slice(int(local[0]), int(local[-1]) + 1) if contiguous else local
-                out[lo:hi] = arr.get_orthogonal_selection((sel, colsel))
+                out[lo:hi] = arr.read(sel, colsel)
         return out[inverse.reshape(-1)]
 
     def _read_range(self, start: int, stop: int, colsel: slice | np.ndarray) -> np.ndarray:
@@ -84,9 +84,7 @@ class LazyRows:
         for arr, off, cnt in zip(self._arrays, self._offsets, self._counts, strict=False):
             a, b = max(start, off), min(stop, off + cnt)
             if b > a:
-                out[a - start : b - start] = arr.get_orthogonal_selection(
-                    (slice(int(a - off), int(b - off)), colsel)
-                )
+                out[a - start : b - start] = arr.read(slice(int(a - off), int(b - off)), colsel)
         return out
 
 
@@ -141,23 +139,23 @@ class GradientStore:
         self.ranks = np.repeat(np.arange(len(counts), dtype=np.int32), counts)
         self.num_rows = int(sum(counts))
 
-    def _load_ranks(self, world_size: int) -> tuple[list[zarr.Array], list[int], dict[str, list]]:
-        """Gradient arrays, committed row counts and per-row columns of every rank."""
-        arrays, counts, columns = [], [], {k: [] for k in COLUMNS}
-        for r in range(world_size):
-            n = int((_read_attrs(self.path / f"rank_{r}") or {}).get("committed_rows", 0))
-            counts.append(n)
-            if n == 0:
-                continue
-            group = zarr.open_group(str(self.path / f"rank_{r}"), mode="r")
-            arrays.append(group["gradients"])
-            if arrays[-1].shape[0] < n:
-                raise ValueError(f"{self.path}/rank_{r} claims {n} rows but holds fewer")
+    def _load_ranks(self, world_size: int) -> tuple[list[ChunkGuard], list[int], dict[str, list]]:
+        """Gradient arrays, committed row counts and per-row columns of every rank.
+
+        Chunks missing from the committed rows, or failing their checksum, raise
+        :class:`StoreIntegrityError` (the columns here, the gradients when read).
+        """
+        assert world_size == int(self.attrs["world_size"])
+        counts = [0] * world_size
+        arrays, columns = [], {k: [] for k in COLUMNS}
+        for r, n, guards in rank_guards(self.path, self.attrs):
+            counts[r] = n
+            arrays.append(guards["gradients"])
             for k in COLUMNS:
-                if k not in group and k in OPTIONAL_COLUMNS:  # written before the column existed
+                if k not in guards:  # written before the column existed
                     columns[k].append(np.full(n, OPTIONAL_COLUMNS[k], dtype=COLUMNS[k]))
                     continue
-                columns[k].append(group[k][:n])  # type: ignore[index]
+                columns[k].append(guards[k].read(slice(0, n)))
         return arrays, counts, columns
 
     @classmethod
@@ -215,6 +213,14 @@ class GradientStore:
         for start in range(0, self.num_rows, step):
             data = self.gradients.take(slice(start, start + step), cols)
             yield start, torch.from_numpy(data).to(dtype)
+
+    def verify(self, *, progress: bool = True) -> VerifyReport:
+        """Read every chunk of every array once; report damaged row ranges per rank.
+
+        See :func:`~lightning_bergson.store.integrity.verify_store`; ``report.ok`` is True
+        for an undamaged store and ``report.damaged_ranges()`` gives ``{rank: [(lo, hi)]}``.
+        """
+        return verify_store(self.path, progress=progress)
 
     def subdir(self, name: str) -> Path:
         """Path of an auxiliary directory (e.g. ``"normalizers"``), created on demand."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.metadata
 import json
 import math
@@ -13,7 +14,11 @@ from typing import Any
 import numpy as np
 
 FORMAT = "lightning_bergson.gradient_store"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+CHECKSUM_SCHEMA = 2
+"""Stores from this schema on carry a crc32c checksum in every chunk and store every chunk
+of the committed rows (no chunk is left out as "all fill value"), so a missing chunk is
+damage. Schema 1 stores open; their damage can only be detected when a read fails."""
 DTYPES = ("float16", "float32")
 # Per-row columns stored next to `gradients`, with their on-disk dtype.
 COLUMNS = {
@@ -29,12 +34,21 @@ OPTIONAL_COLUMNS = {"advantage": np.nan}
 FIXED_KEYS = ("schema_version", "package_version", "format", "modules", "dim", "dtype")
 FIXED_KEYS += ("chunk_rows", "world_size", "complete")
 _AUX_DIRS = ("normalizers", "preconditioners")
+_KINDS = {  # other formats of the package, named in errors when given as a gradient store
+    "lightning_bergson.scores": "a score array (open it with lightning_bergson.scores)",
+    "lightning_bergson.ekfac_factors": "EK-FAC factors (load them with the EK-FAC module)",
+    "lightning_bergson.preconditioner": "a preconditioner (it lives inside a store)",
+}
 
 Rows = dict[str, np.ndarray]  # column name -> [n, ...] array, always including "gradients"
 
 
 class GradientStoreWriteError(RuntimeError):
     """Writing rows to the store failed (disk full, permission denied, ...)."""
+
+
+class StoreIntegrityError(RuntimeError):
+    """A chunk of a gradient store is missing or damaged (checksum mismatch, truncated)."""
 
 
 class IncompleteStoreWarning(UserWarning):
@@ -101,6 +115,7 @@ def _read_attrs(node: Path) -> dict[str, Any] | None:
         return json.load(f).get("attributes", {})
 
 
+@functools.cache
 def _package_version() -> str:
     try:
         return importlib.metadata.version("lightning-bergson")
@@ -122,11 +137,23 @@ def _open_root_attrs(path: Path) -> dict[str, Any]:
     """Root attributes of the store at ``path``, with errors that say what is wrong."""
     if not path.exists():
         raise FileNotFoundError(f"No gradient store at {path}: the path does not exist.")
-    attrs = _read_attrs(path) if path.is_dir() else None
-    if attrs is None or attrs.get("format") != FORMAT:
+    if not path.is_dir():
         raise ValueError(
-            f"{path} is not a lightning_bergson gradient store "
-            f"(its zarr.json has no attribute format={FORMAT!r})."
+            f"{path} is a file, not a gradient store (a store is a directory holding "
+            "zarr.json and rank_<r>/ groups, as GradientCaptureCallback or `index` write it)."
+        )
+    attrs = _read_attrs(path)
+    if attrs is None:
+        raise ValueError(
+            f"{path} is not a gradient store: it has no zarr.json (a store is a directory "
+            "holding zarr.json and rank_<r>/ groups). Pass the *.zarr directory itself."
+        )
+    if attrs.get("format") != FORMAT:
+        kind = _KINDS.get(str(attrs.get("format")))
+        raise ValueError(
+            f"{path} is not a lightning_bergson gradient store"
+            + (f": it holds {kind}" if kind else f" (its zarr.json has no format={FORMAT!r})")
+            + "."
         )
     if int(attrs.get("schema_version", 0)) > SCHEMA_VERSION:
         raise ValueError(

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 import queue
 import shutil
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import zarr
+from zarr.codecs import Crc32cCodec
 
 from .schema import (
     COLUMNS,
@@ -26,11 +29,18 @@ from .schema import (
     _root_attrs,
 )
 
-__all__ = ["GradientStoreWriter"]
+__all__ = ["GradientStoreWriter", "default_chunk_rows"]
+
+_Task = Callable[[], None]
 
 
-def _prepare_gradients(x: Any, dim: int, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
-    """Cast ``x`` [B, D] to ``dtype`` (clamped to its finite range); also return finite [B]."""
+def _prepare_gradients(
+    x: Any, dim: int, dtype: np.dtype, finite: Any = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Cast ``x`` [B, D] to ``dtype`` (clamped to its finite range); also return finite [B].
+
+    ``finite`` (the caller's per-row test of ``x``, if it made one) is not recomputed.
+    """
     big = float(np.finfo(dtype).max)
     if isinstance(x, torch.Tensor):
         x = x.detach()
@@ -43,11 +53,24 @@ def _prepare_gradients(x: Any, dim: int, dtype: np.dtype) -> tuple[np.ndarray, n
             f"gradients must have shape [B, {dim}] (the store's row width D={dim},"
             f" the sum of module block sizes); got {tuple(x.shape)}"
         )
+    if finite is not None:
+        finite = _column(finite, len(x), "bool", "finite")
     if isinstance(x, torch.Tensor):
-        finite = torch.isfinite(x).all(dim=1).cpu().numpy()
+        if finite is None:
+            finite = torch.isfinite(x).all(dim=1).cpu().numpy()
         rows = x.clamp(-big, big).to(getattr(torch, dtype.name)).cpu().numpy()  # new tensor
         return rows, finite
-    return np.clip(x, -big, big).astype(dtype), np.isfinite(x).all(axis=1)  # NaN stays NaN
+    if finite is None:
+        finite = np.isfinite(x).all(axis=1)
+    return np.clip(x, -big, big).astype(dtype), finite  # NaN stays NaN
+
+
+def default_chunk_rows(dim: int, dtype: str, expected_rows: int | None = None) -> int:
+    """Rows per chunk: about 4 MiB of gradients, fewer for a store expected to be smaller."""
+    rows = max(1, min(8192, (4 << 20) // (dim * np.dtype(dtype).itemsize)))
+    if expected_rows is not None and expected_rows < rows:
+        rows = min(rows, max(64, 1 << max(0, expected_rows - 1).bit_length()))
+    return rows
 
 
 def _column(x: Any, n: int, dtype: str, name: str) -> np.ndarray:
@@ -97,7 +120,12 @@ class GradientStoreWriter:
         dtype: ``"float16"`` (finite values clamped to +-65504) or ``"float32"``.
         rank: This writer's rank; each rank writes its own ``rank_<r>`` group.
         world_size: Number of writer ranks; the store is complete once all have closed.
-        chunk_rows: Rows per chunk; default makes a gradients chunk about 4 MiB.
+        chunk_rows: Rows per chunk; default makes a gradients chunk about 4 MiB, or less when
+            ``expected_rows`` says the store will be smaller.
+        expected_rows: Rows this rank expects to write, if known. The arrays are sized for
+            them up front (no resize while writing) and a store smaller than one default
+            chunk gets one chunk of about its size (a power of two, at least 64 rows), so
+            the last write is not padded to 4 MiB. A wrong guess costs one resize.
         metadata: JSON-able entries (``model``, ``projection``, ...) merged into the root attrs.
         overwrite: Replace an existing gradient store at ``path`` (never unrelated files).
         background: Write chunks on a background thread; False writes synchronously.
@@ -130,19 +158,26 @@ class GradientStoreWriter:
         overwrite: bool = False,
         background: bool = True,
         max_pending_chunks: int = 4,
+        expected_rows: int | None = None,
     ) -> None:
         dim = _check_modules(modules)
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}; got {dtype!r}")
-        itemsize = np.dtype(dtype).itemsize
-        chunk_rows = chunk_rows or max(1, min(8192, (4 << 20) // (dim * itemsize)))
+        if expected_rows is not None and expected_rows < 0:
+            raise ValueError(f"expected_rows must be >= 0; got {expected_rows}")
+        chunk_rows = chunk_rows or default_chunk_rows(dim, dtype, expected_rows)
         self._setup(path, modules, dtype, rank, world_size, chunk_rows, max_pending_chunks)
+        self._initial_rows = expected_rows or 0
         attrs = _root_attrs(modules, dim, dtype, chunk_rows, world_size, metadata)
         self._prepare_path(overwrite)
         try:
             if rank == 0:
                 zarr.create_group(store=str(self.path), attributes=attrs)
-            self._create_rank_group()
+            self._group = zarr.create_group(
+                store=str(self.path / f"rank_{self.rank}"),
+                attributes={"rank": self.rank, "committed_rows": 0, "complete": False},
+            )
+            self._create_arrays()
         except OSError as err:
             raise GradientStoreWriteError(
                 f"Cannot create a gradient store at {self.path}: {err}. Choose a writable path."
@@ -172,6 +207,7 @@ class GradientStoreWriter:
         self._error: BaseException | None = None
         self._closed = False
         self._thread: threading.Thread | None = None
+        self._arrays: dict[str, zarr.Array] = {}
 
     def _prepare_path(self, overwrite: bool) -> None:
         """Refuse to clobber data; with ``overwrite`` remove an old store (or our old group)."""
@@ -199,27 +235,32 @@ class GradientStoreWriter:
                     f"={mine} does not match the store at {p}"
                 )
 
-    def _create_rank_group(self) -> None:
-        attrs = {"rank": self.rank, "committed_rows": 0, "complete": False}
-        self._group = zarr.create_group(
-            store=str(self.path / f"rank_{self.rank}"), attributes=attrs
-        )
+    def _create_arrays(self) -> None:
         specs = {"gradients": self.dtype.name, **COLUMNS}
-        self._arrays = {}
+        arrays = {}
         for name, dt in specs.items():
             tail = (self.dim,) if name == "gradients" else ()
-            self._arrays[name] = self._create_array(name, (0, *tail), dt)
+            arrays[name] = self._create_array(name, (self._initial_rows, *tail), dt)
+        self._arrays = arrays
 
     def _create_array(self, name: str, shape: tuple[int, ...], dtype: str) -> zarr.Array:
         chunks = (self.chunk_rows, *shape[1:])
         fill = OPTIONAL_COLUMNS.get(name)
+        # A crc32c checksum in every chunk, and every chunk stored even when it holds only
+        # the fill value (epoch 0, finite False): a missing chunk is then always damage.
         return self._group.create_array(
-            name, shape=shape, chunks=chunks, dtype=dtype, compressors=None, fill_value=fill
+            name,
+            shape=shape,
+            chunks=chunks,
+            dtype=dtype,
+            compressors=(Crc32cCodec(),),
+            fill_value=fill,
+            config={"write_empty_chunks": True},
         )
 
     def _start(self, background: bool) -> None:
         if background:
-            self._queue: queue.Queue[tuple[int, Rows] | None] = queue.Queue(self._max_pending)
+            self._queue: queue.Queue[_Task | None] = queue.Queue(self._max_pending)
             self._thread = threading.Thread(target=self._worker, name="gradient-store", daemon=True)
             self._thread.start()
 
@@ -260,8 +301,10 @@ class GradientStoreWriter:
         for k in ("gradients", *COLUMNS):
             if k not in self._group and k in OPTIONAL_COLUMNS:  # a store from before the column
                 self._arrays[k] = self._create_array(k, (on_disk,), COLUMNS[k])
-            else:
-                self._arrays[k] = self._group[k]  # type: ignore[assignment]
+                if on_disk:  # store its chunks: a chunk of committed rows is never left out
+                    self._arrays[k][:on_disk] = np.full(on_disk, OPTIONAL_COLUMNS[k], COLUMNS[k])
+            else:  # the array config is not stored: chunks of fill values must be written
+                self._arrays[k] = self._group[k].with_config({"write_empty_chunks": True})  # type: ignore[union-attr]
         if not 0 <= committed_rows <= on_disk:
             raise ValueError(
                 f"cannot resume rank {self.rank} of {self.path} at {committed_rows} rows: it has"
@@ -283,10 +326,14 @@ class GradientStoreWriter:
         epoch: Any,
         loss: Any = None,
         advantage: Any = None,
+        finite: Any = None,
     ) -> None:
-        """Buffer rows ``gradients`` [B, D] with per-row ids, steps, epochs, losses, advantages."""
+        """Buffer rows ``gradients`` [B, D] with per-row ids, steps, epochs, losses, advantages.
+
+        ``finite`` [B] may pass a per-row finiteness test already made on ``gradients``.
+        """
         self._check_open()
-        grads, finite = _prepare_gradients(gradients, self.dim, self.dtype)
+        grads, finite = _prepare_gradients(gradients, self.dim, self.dtype, finite)
         n = len(grads)
         rows = {
             "gradients": grads,
@@ -316,13 +363,17 @@ class GradientStoreWriter:
 
     def _submit(self, rows: Rows) -> None:
         start, self._queued = self._queued, self._queued + len(rows["gradients"])
+        self._submit_task(functools.partial(self._write, start, rows))
+
+    def _submit_task(self, task: _Task) -> None:
+        """Run ``task`` on the writer thread (in order), or now without one."""
         if self._thread is None:
             try:
-                self._write(start, rows)
+                task()
             except Exception as err:
                 self._error = err
         else:
-            self._queue.put((start, rows))
+            self._queue.put(task)
         self._raise_if_failed()
 
     def _write(self, start: int, rows: Rows) -> None:
@@ -337,7 +388,7 @@ class GradientStoreWriter:
                 if item is None:
                     return
                 if self._error is None:  # after a failure, drain so producers never block
-                    self._write(*item)
+                    item()
             except Exception as err:
                 self._error = err
             finally:

@@ -1,0 +1,167 @@
+"""Damaged stores are refused, never read as data: missing, overwritten and cut chunks.
+
+Each damage is made to a copy of a real store as a user's disk or copy would make it; every
+reader (``GradientStore.read``, the raw scan behind ``Attributor``, ``verify``) must name
+the array, the chunk and its rows.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lightning_bergson.attribution import Attributor
+from lightning_bergson.attribution.reading import iter_rows
+from lightning_bergson.store import (
+    GradientStore,
+    GradientStoreWriter,
+    StoreIntegrityError,
+    layout_blocks,
+    verify_store,
+)
+from lightning_bergson.store.integrity import verify_main
+
+BLOCKS = layout_blocks([("a", (2, 3), "a", None), ("b", (1, 4), "b", None)])
+DIM = 10
+ROWS, CHUNK = 27, 8  # chunks 0..3, the last one partial
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory) -> tuple[Path, np.ndarray]:
+    path = tmp_path_factory.mktemp("stores") / "run.zarr"
+    grads = torch.randn(ROWS, DIM, generator=torch.Generator().manual_seed(0))
+    meta = {"projection": {"dim": 0, "seed": 0}, "capture": {}}  # what Attributor checks
+    with GradientStoreWriter(
+        path, modules=BLOCKS, dtype="float32", chunk_rows=CHUNK, metadata=meta
+    ) as w:
+        for start in range(0, ROWS, 5):
+            stop = min(start + 5, ROWS)
+            w.append(grads[start:stop], example_id=range(start, stop), step=start, epoch=0)
+    return path, grads.numpy()
+
+
+def _copy(pristine, tmp_path) -> Path:
+    path = tmp_path / "copy.zarr"
+    shutil.copytree(pristine[0], path)
+    return path
+
+
+def _damage(path: Path, array: str, chunk: int, how: str) -> None:
+    key = path / "rank_0" / array / "c" / str(chunk)
+    key = key / "0" if array == "gradients" else key
+    data = key.read_bytes()
+    if how == "deleted":
+        key.unlink()
+    elif how == "overwritten":  # same size, a few bytes in the middle changed
+        mid = len(data) // 2
+        key.write_bytes(data[:mid] + bytes(b ^ 0x5A for b in data[mid : mid + 3]) + data[mid + 3 :])
+    else:  # truncated
+        key.write_bytes(data[: len(data) // 2])
+
+
+HOWS = ["deleted", "overwritten", "truncated"]
+
+
+def _named(chunk: int, array: str = "gradients") -> str:
+    lo, hi = chunk * CHUNK, min((chunk + 1) * CHUNK, ROWS)
+    return rf"rank_0/{array} chunk {chunk} \(rows {lo}-{hi - 1} of rank 0"
+
+
+def test_undamaged_store_verifies(pristine, capsys):
+    report = verify_store(pristine[0], progress=False)
+    assert report.ok and report.checked and report.damaged_ranges() == {}
+    assert report.chunks == 4 * 7  # every chunk of the 7 arrays read once
+    verify_main([str(pristine[0]), "--no-progress"])  # returns: exit status 0
+    assert "no damage found" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("how", HOWS)
+def test_damaged_gradient_chunk_is_refused_by_every_reader(pristine, tmp_path, how):
+    path = _copy(pristine, tmp_path)
+    _damage(path, "gradients", 1, how)
+    store = GradientStore.open(path)  # the columns are intact: the store opens
+    np.testing.assert_array_equal(store.read(slice(0, CHUNK)).numpy(), pristine[1][:CHUNK])
+    np.testing.assert_array_equal(store.read([20, 3]).numpy(), pristine[1][[20, 3]])
+    with pytest.raises(StoreIntegrityError, match=_named(1)):
+        store.read(slice(None))
+    with pytest.raises(StoreIntegrityError, match=_named(1)):
+        store.read([9])
+    with pytest.raises(StoreIntegrityError, match=_named(1)):
+        list(store.iter_chunks())
+    with pytest.raises(StoreIntegrityError, match=_named(1)):  # the raw scan path
+        list(iter_rows(store, CHUNK))
+    with pytest.raises(StoreIntegrityError, match=_named(1)):  # scan chunks across chunks
+        list(iter_rows(store, 5))
+    with pytest.raises(StoreIntegrityError, match=_named(1)):
+        Attributor(path).scores(torch.ones(2, DIM))
+    with pytest.raises(StoreIntegrityError, match=_named(1)):
+        Attributor(path).search(torch.ones(1, DIM), k=3)
+    report = verify_store(path, progress=False)
+    assert not report.ok
+    assert [(d.array, d.chunk, d.rows) for d in report.damage] == [("gradients", 1, (8, 16))]
+    assert report.damage[0].kind == ("missing" if how == "deleted" else "checksum")
+    assert report.damaged_ranges() == {0: [(8, 16)]}
+
+
+@pytest.mark.parametrize("array", ["example_id", "step", "finite"])
+@pytest.mark.parametrize("how", HOWS)
+def test_damaged_column_chunk_is_refused(pristine, tmp_path, array, how):
+    path = _copy(pristine, tmp_path)
+    _damage(path, array, 3, how)  # the last, partial chunk
+    with pytest.raises(StoreIntegrityError, match=_named(3, array)):
+        GradientStore.open(path)
+    with pytest.raises(StoreIntegrityError, match=_named(3, array)):
+        Attributor(path)
+    report = verify_store(path, progress=False)
+    assert [(d.array, d.chunk, d.rows) for d in report.damage] == [(array, 3, (24, 27))]
+
+
+def test_verify_command_reports_and_truncates(pristine, tmp_path):
+    path = _copy(pristine, tmp_path)
+    _damage(path, "gradients", 2, "overwritten")
+    _damage(path, "step", 3, "deleted")
+    run = [sys.executable, "-m", "lightning_bergson", "verify", str(path), "--no-progress"]
+    out = subprocess.run(run, capture_output=True, text=True)
+    assert out.returncode == 1, out.stderr
+    assert "rank_0/gradients chunk 2 (rows 16-23" in out.stdout
+    assert "rank_0/step chunk 3 (rows 24-26" in out.stdout
+    assert "rank 0: damaged rows 16-26" in out.stdout
+    out = subprocess.run([*run, "--truncate"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "truncated to its first 16 rows" in out.stdout
+    store = GradientStore.open(path)
+    assert store.complete and len(store) == 16
+    np.testing.assert_array_equal(store.read(slice(None)).numpy(), pristine[1][:16])
+    np.testing.assert_array_equal(store.example_ids, np.arange(16))
+    assert verify_store(path, progress=False).ok
+
+
+def test_damage_in_a_later_rank_names_store_rows(tmp_path):
+    path = tmp_path / "two.zarr"
+    for rank in (0, 1):
+        with GradientStoreWriter(
+            path, modules=BLOCKS, dtype="float16", chunk_rows=4, rank=rank, world_size=2
+        ) as w:
+            w.append(np.ones((6, DIM)), example_id=np.arange(6) + 10 * rank, step=0, epoch=0)
+    (path / "rank_1" / "gradients" / "c" / "1" / "0").unlink()
+    with pytest.raises(StoreIntegrityError, match=r"rank_1/gradients chunk 1 \(rows 4-5 of "
+                       r"rank 1, store rows 10-11\) is missing"):  # fmt: skip
+        GradientStore.open(path).read(slice(None))
+    assert verify_store(path, progress=False).damaged_ranges() == {1: [(4, 6)]}
+
+
+def test_all_fill_chunks_are_stored(tmp_path):
+    """Chunks holding only fill values (epoch 0, finite False, zero rows) are written."""
+    path = tmp_path / "zeros.zarr"
+    with GradientStoreWriter(path, modules=BLOCKS, chunk_rows=4, background=False) as w:
+        w.append(np.zeros((4, DIM)), example_id=range(4), step=0, epoch=0)
+        w.append(np.full((4, DIM), np.nan), example_id=range(4, 8), step=0, epoch=0)
+    for name in ("gradients", "epoch", "finite", "loss", "advantage"):
+        assert sorted(p.name for p in (path / "rank_0" / name / "c").iterdir()) == ["0", "1"]
+    assert verify_store(path, progress=False).ok
