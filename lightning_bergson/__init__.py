@@ -5,7 +5,7 @@ Capture every training example's gradient during ``fit`` with
 """
 
 from .attribution import Attributor, IndexModule
-from .callbacks import GradientCaptureCallback, capture_example_loss
+from .callbacks import GradientCaptureCallback, NonFiniteGradientError, capture_example_loss
 from .capture import (
     AdafactorNormalizer,
     AdamNormalizer,
@@ -44,6 +44,7 @@ __all__ = [
     "HeadConfig",
     "IndexModule",
     "MagicModule",
+    "NonFiniteGradientError",
     "TextDataModule",
     "capture_example_loss",
     "make_biographies",

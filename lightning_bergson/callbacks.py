@@ -31,7 +31,7 @@ from .capture.scaling import BATCH_REDUCTIONS
 from .capture.settings import CaptureSettings
 from .store import GradientStoreWriter, layout_blocks
 
-__all__ = ["GradientCaptureCallback", "capture_example_loss"]
+__all__ = ["GradientCaptureCallback", "NonFiniteGradientError", "capture_example_loss"]
 
 BatchReduction = Literal["auto", "token_mean", "example_mean", "sum"]
 
@@ -105,6 +105,11 @@ class GradientCaptureCallback(Callback):
         overwrite: Replace an existing store at ``path``.
         example_id_key: Batch key with each example's dataset row.
         labels_key: Batch key of the causal-LM labels (``-100`` = ignored).
+        on_nonfinite: What a row with NaN or inf does: ``"warn"`` stores it flagged
+            ``finite=False`` and warns once per epoch with the count and the first ids;
+            ``"raise"`` stops the fit at the first one (:class:`NonFiniteGradientError`
+            naming the ids and the step); ``"skip"`` stores no row for it and records
+            ``(example_id, step, epoch)`` in the store (``GradientStore.skipped``).
 
     Example:
         >>> cb = GradientCaptureCallback("runs/demo/grads.zarr", projection_dim=16,
@@ -135,8 +140,10 @@ class GradientCaptureCallback(Callback):
         overwrite: bool = False,
         example_id_key: str = EXAMPLE_ID,
         labels_key: str = "labels",
+        on_nonfinite: Literal["warn", "raise", "skip"] = "warn",
     ) -> None:
         _check_choice("normalizer", normalizer, ("none", "adafactor", "adam"))
+        _check_choice("on_nonfinite", on_nonfinite, ("warn", "raise", "skip"))
         _check_choice("normalizer_source", normalizer_source, ("optimizer", "file"))
         _check_choice("loss_reduction", loss_reduction, ("sum", "mean"))
         _check_choice("batch_reduction", batch_reduction, BATCH_REDUCTIONS)
@@ -164,6 +171,7 @@ class GradientCaptureCallback(Callback):
         self.overwrite = overwrite
         self.example_id_key = example_id_key
         self.labels_key = labels_key
+        self.on_nonfinite = on_nonfinite
 
         self.collector: GradientCollector | None = None
         self.observer: ScaleObserver | None = None
@@ -174,6 +182,7 @@ class GradientCaptureCallback(Callback):
         self._deferred: list[tuple[_BatchInfo, list]] = []
         self._resume_rows: dict[int, int] | None = None
         self._trainer: L.Trainer | None = None
+        self._nonfinite: list[int] = []  # example ids of non-finite rows not yet reported
 
     @property
     @override
@@ -327,6 +336,7 @@ class GradientCaptureCallback(Callback):
                 "their rows are normalized with the last optimizer state"
             )
             self._flush_deferred(trainer)
+        self._report_nonfinite(trainer.current_epoch)
         if self.writer is not None:
             # Normalizers first: a store flagged complete has everything a query needs.
             if self.normalizer != "none" and trainer.is_global_zero and self.collector is not None:
@@ -409,21 +419,57 @@ class GradientCaptureCallback(Callback):
         finite = torch.isfinite(grads.sum(dim=1))
         if not bool(finite.all()):
             finite = torch.isfinite(grads).all(dim=1)
+        ids, loss, advantage = info.example_id, info.loss, info.advantage
         if not bool(finite.all()):
-            rank_zero_warn(
-                f"non-finite gradients for example ids {info.example_id[~finite].tolist()[:10]} "
-                f"at step {info.step}: stored as they are and flagged finite=False",
-            )
+            bad = ids[~finite].tolist()
+            if self.on_nonfinite == "raise":
+                raise NonFiniteGradientError(
+                    f"non-finite gradients for example ids {bad[:10]} at step {info.step} "
+                    f"(epoch {info.epoch}); GradientCaptureCallback(on_nonfinite='raise') stops "
+                    f"the fit here. Rows committed so far stay in {self.path}. Look for the "
+                    "cause (a loss that overflows, a learning rate too high, bad data), or use "
+                    "on_nonfinite='warn' (store them flagged finite=False) or 'skip'."
+                )
+            self._nonfinite += bad
+            if self.on_nonfinite == "skip":
+                self.writer.record_skipped(bad, info.step, info.epoch)
+                keep = finite
+                grads, ids, finite = grads[keep], ids[keep], finite[keep]
+                loss = None if loss is None else loss[keep]
+                advantage = None if advantage is None else advantage[keep]
+                batch = len(ids)
+                if batch == 0:
+                    return
         step, epoch = (info.step, info.epoch) if self.track_order else (-1, -1)
         self.writer.append(
             grads,
-            info.example_id,
+            ids,
             torch.full((batch,), step, dtype=torch.int64),
             torch.full((batch,), epoch, dtype=torch.int32),
-            info.loss,
-            info.advantage,
+            loss,
+            advantage,
             finite=finite,
         )
+
+    def _report_nonfinite(self, epoch: int) -> None:
+        """One warning for the non-finite rows seen since the last report."""
+        if not self._nonfinite:
+            return
+        bad, self._nonfinite = self._nonfinite, []
+        done = {
+            "warn": "stored as they are and flagged finite=False (queries skip them)",
+            "skip": "not stored; their ids are in GradientStore.skipped",
+        }[self.on_nonfinite]
+        rank_zero_warn(
+            f"{len(bad)} example{'s' if len(bad) != 1 else ''} had non-finite gradients in "
+            f"epoch {epoch} (example ids "
+            f"{bad[:10]}{' ...' if len(bad) > 10 else ''}): {done}. Set "
+            "on_nonfinite='raise' to stop at the first one."
+        )
+
+    @override
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._report_nonfinite(trainer.current_epoch)
 
     def _warn_missing(self, block: str, step: int) -> None:
         if f"missing:{block}" not in self._warned:
@@ -645,6 +691,10 @@ def _expected_rows(trainer: L.Trainer) -> int | None:
     if trainer.max_steps != -1:
         micro = min(micro, trainer.max_steps * trainer.accumulate_grad_batches)
     return micro * size
+
+
+class NonFiniteGradientError(RuntimeError):
+    """A captured row had NaN or inf and ``on_nonfinite='raise'`` was set."""
 
 
 def _check_choice(name: str, value: str, valid: tuple[str, ...]) -> None:

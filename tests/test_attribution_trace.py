@@ -118,6 +118,31 @@ def test_other_model_is_refused(tmp_path):
             pass
 
 
+def test_fingerprint_modes(tmp_path):
+    """Dropout and use_cache never count; other config entries count unless relaxed."""
+    data = lm_batch(num=4, seq=6)
+    net = tiny_gpt_neox()
+    cb = GradientCaptureCallback(tmp_path / "g.zarr", projection_dim=2, dtype="float32")
+    fit_with_capture(CausalLMModule(copy.deepcopy(net), lr=0.0), data, cb)
+    want = Attributor(tmp_path / "g.zarr").query_gradients(net, data)
+    eval_only = copy.deepcopy(net)  # same weights; config differs only where eval mode ignores it
+    eval_only.config.attention_dropout, eval_only.config.hidden_dropout = 0.3, 0.2
+    eval_only.config.use_cache = not eval_only.config.use_cache
+    torch.testing.assert_close(
+        Attributor(tmp_path / "g.zarr").query_gradients(eval_only, data), want
+    )
+    other = copy.deepcopy(net)
+    other.config.layer_norm_eps = 0.5  # changes the model, not its parameter shapes
+    with pytest.raises(StoreMismatchError, match=r"layer_norm_eps is 0.5 .*check_model='shapes'"):
+        Attributor(tmp_path / "g.zarr").query_gradients(other, data)
+    Attributor(tmp_path / "g.zarr", check_model="shapes").query_gradients(other, data)
+    small = tiny_gpt_neox(vocab_size=101)
+    with pytest.raises(StoreMismatchError, match=r"parameter_shapes_sha256|num_parameters"):
+        Attributor(tmp_path / "g.zarr", check_model="shapes").query_gradients(small, data)
+    with pytest.raises(ValueError, match=r"check_model='loose' is not one of"):
+        Attributor(tmp_path / "g.zarr", check_model="loose")
+
+
 def test_missing_normalizer_file_is_explained(tmp_path):
     net = tiny_gpt_neox()
     data = lm_batch(num=4, seq=6)

@@ -275,12 +275,70 @@ def test_nan_gradients_are_flagged_not_hidden(tmp_path):
         batch_reduction="sum",
         dtype="float32",
     )
-    with pytest.warns(UserWarning, match=r"non-finite gradients for example ids \[101\]"):
+    with pytest.warns(UserWarning, match=r"1 example had non-finite gradients in epoch 0 "
+                      r"\(example ids \[101\]\): stored as they are"):  # fmt: skip
         fit(SumLossModule(net, nan_row=1), data, cb, max_steps=1)
     store, got = stored_by_id(tmp_path / "g.zarr")
     assert store.finite.tolist() == [True, False, True, True]
     assert torch.isnan(got[101]).any()
     assert_rows_match({i: got[i] for i in (100, 102, 103)}, {i: want[i] for i in (100, 102, 103)})
+
+
+class FrozenNanModule(SumLossModule):
+    """Drops the (NaN) gradients before each step: every epoch sees the same weights."""
+
+    def on_before_optimizer_step(self, optimizer):
+        for param in self.parameters():
+            param.grad = None
+
+
+def _nan_fit(tmp_path, mode, **kw):
+    """Two epochs of 8 examples (ids 100..107), batch 4, the second of each batch NaN."""
+    net = tiny_gpt_neox()
+    data = lm_batch(num=8, seq=8)
+    cb = GradientCaptureCallback(
+        tmp_path / "g.zarr", projection_dim=0, include=MODULES, batch_reduction="sum",
+        dtype="float32", on_nonfinite=mode,
+    )  # fmt: skip
+    fit(FrozenNanModule(net, nan_row=1), data, cb, max_epochs=2, **kw)
+    return tmp_path / "g.zarr"
+
+
+def test_nonfinite_warn_once_per_epoch_with_count(tmp_path):
+    with pytest.warns(UserWarning) as record:
+        path = _nan_fit(tmp_path, "warn")
+    got = [str(w.message) for w in record if "non-finite" in str(w.message)]
+    assert got == [
+        f"2 examples had non-finite gradients in epoch {e} (example ids [101, 105]): stored as "
+        "they are and flagged finite=False (queries skip them). Set on_nonfinite='raise' to "
+        "stop at the first one."
+        for e in (0, 1)
+    ]
+    store = GradientStore.open(path)
+    assert len(store) == 16 and store.skipped == []
+    assert sorted(store.example_ids[~store.finite].tolist()) == [101, 101, 105, 105]
+
+
+def test_nonfinite_raise_stops_at_the_first_row(tmp_path):
+    from lightning_bergson.callbacks import NonFiniteGradientError
+
+    with pytest.raises(NonFiniteGradientError, match=r"example ids \[101\] at step 0 \(epoch 0\)"):
+        _nan_fit(tmp_path, "raise")
+    assert GradientStore.open(tmp_path / "g.zarr").num_rows == 0  # nothing after the first
+
+
+def test_nonfinite_skip_stores_no_row_and_records_it(tmp_path):
+    with pytest.warns(UserWarning, match=r"2 examples .* epoch 0 .*\[101, 105\]\): not stored"):
+        path = _nan_fit(tmp_path, "skip")
+    store = GradientStore.open(path)
+    assert len(store) == 12 and bool(store.finite.all())
+    assert sorted(store.example_ids.tolist()) == sorted([100, 102, 103, 104, 106, 107] * 2)
+    assert store.skipped == [
+        {"rank": 0, "example_id": i, "step": step, "epoch": e}
+        for e, steps in ((0, (0, 1)), (1, (2, 3)))
+        for i, step in zip((101, 105), steps, strict=True)
+    ]
+    assert torch.isfinite(store.read(slice(None))).all()
 
 
 def test_fixed_normalizers_from_a_file(tmp_path):

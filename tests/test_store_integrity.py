@@ -165,3 +165,10 @@ def test_all_fill_chunks_are_stored(tmp_path):
     for name in ("gradients", "epoch", "finite", "loss", "advantage"):
         assert sorted(p.name for p in (path / "rank_0" / name / "c").iterdir()) == ["0", "1"]
     assert verify_store(path, progress=False).ok
+
+
+def test_nonfinite_query_raises(pristine):
+    queries = torch.ones(3, DIM)
+    queries[1, 4] = float("nan")
+    with pytest.raises(ValueError, match=r"query rows \[1\] have non-finite gradients"):
+        Attributor(pristine[0]).search(queries, k=2)

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from ..capture import GradientCollector
 from ..store import GradientStore, ModuleBlock
 from .compat import (
+    CHECK_MODEL_MODES,
     StoreMismatchError,
     capture_settings,
     check_blocks,
@@ -75,6 +76,10 @@ class Attributor:
             and :meth:`extremes` use a FAISS index built over the store (once, saved in
             ``<store>/faiss/``) instead of scanning it. Needs ``faiss-cpu``; no module
             subsets or per-example reduction.
+        check_model: How a query model is checked against the store's fingerprint:
+            ``"strict"`` (class, parameter shapes and config, except entries that cannot
+            change a gradient in eval mode such as dropout), ``"shapes"`` (class and
+            parameter shapes) or ``"off"``.
 
     Example:
         >>> import tempfile
@@ -102,6 +107,7 @@ class Attributor:
         chunk_rows: int | None = None,
         normalizers: str | Path | None = None,
         faiss: str | None = None,
+        check_model: Literal["strict", "shapes", "off"] = "strict",
     ) -> None:
         if example_reduce not in ("none", "sum", "mean", "max"):
             raise ValueError(
@@ -109,6 +115,9 @@ class Attributor:
             )
         if not 0.0 <= query_mix <= 1.0:
             raise ValueError(f"query_mix must be in [0, 1], got {query_mix}")
+        if check_model not in CHECK_MODEL_MODES:
+            raise ValueError(f"check_model={check_model!r} is not one of {CHECK_MODEL_MODES}")
+        self.check_model = check_model
         self.store = store if isinstance(store, GradientStore) else GradientStore.open(store)
         self.settings = capture_settings(self.store.attrs)
         self.device, self.dtype = torch.device(device), dtype
@@ -131,7 +140,7 @@ class Attributor:
     def prepare(self, model: nn.Module) -> nn.Module:
         """The network whose modules the store names (checked against the store)."""
         network = resolve_network(model, self.settings.root)
-        check_model(self.store.attrs, network, store=self.store.path)
+        check_model(self.store.attrs, network, store=self.store.path, mode=self.check_model)
         return network
 
     def collector(self, model: nn.Module, closure=None) -> GradientCollector:
@@ -343,6 +352,13 @@ class Attributor:
         full = self._as_rows(queries)  # (Q, D)
         cols = np.concatenate([np.arange(b.offset, b.offset + b.size) for b in blocks])
         q = full[:, torch.from_numpy(cols)].to(torch.float64)  # (Q, D_sel)
+        bad = (~torch.isfinite(q).all(dim=1)).nonzero().flatten().tolist()
+        if bad:
+            raise ValueError(
+                f"query rows {bad[:10]} have non-finite gradients (NaN or inf), so every score "
+                "against them would be NaN or -inf. Check the query loss (a NaN or overflowing "
+                "loss, labels that select no token) and the model's weights."
+            )
         pre = self._preconditioner_for(full)
         if pre is not None:
             q = pre.apply(q, -0.5 if self.unit_norm else -1.0, blocks)

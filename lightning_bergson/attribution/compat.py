@@ -114,12 +114,29 @@ def _flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def check_model(attrs: Mapping[str, Any], network: nn.Module, *, store: str | Path = "") -> None:
+CHECK_MODEL_MODES = ("strict", "shapes", "off")
+
+
+def _eval_invariant(key: str) -> bool:
+    """Config entries that cannot change a gradient taken in eval mode (or at all)."""
+    return key in VOLATILE_CONFIG_KEYS or "dropout" in key or key.endswith("pdrop")
+
+
+def check_model(
+    attrs: Mapping[str, Any],
+    network: nn.Module,
+    *,
+    store: str | Path = "",
+    mode: str = "strict",
+) -> None:
     """Raise :class:`StoreMismatchError` unless ``network`` is the model the store describes.
 
-    Compares the class, the hash of parameter names and shapes and the Hugging Face config
-    (ignoring entries such as ``transformers_version`` or the attention implementation);
-    weights are not compared (a store describes a whole training run).
+    ``mode="strict"`` compares the class, the hash of parameter names and shapes and the
+    Hugging Face config, ignoring entries that cannot change a gradient in eval mode
+    (dropout probabilities, ``use_cache``, the attention implementation,
+    ``torch_dtype``, ``transformers_version``); ``"shapes"`` compares the class and the
+    parameter shapes only; ``"off"`` checks nothing. Weights are never compared (a store
+    describes a whole training run).
 
     Example:
         >>> attrs = {"model": model_fingerprint(nn.Linear(3, 2))}
@@ -129,24 +146,33 @@ def check_model(attrs: Mapping[str, Any], network: nn.Module, *, store: str | Pa
         ...
         lightning_bergson.attribution.compat.StoreMismatchError: model.num_parameters ...
     """
+    if mode not in CHECK_MODEL_MODES:
+        raise ValueError(f"check_model={mode!r} is not one of {CHECK_MODEL_MODES}")
     want = attrs.get("model")
-    if not isinstance(want, Mapping):
+    if mode == "off" or not isinstance(want, Mapping):
         return  # a store written without a fingerprint cannot be checked
     have = model_fingerprint(network)
-    config = list(_flat(want.get("config", {}), "config."))
+    config = list(_flat(want.get("config", {}), "config.")) if mode == "strict" else []
     want_flat, have_flat = _flat(want), _flat(have)
     for name in ["class", *config, "num_parameters", "parameter_shapes_sha256"]:
-        if name.split(".", 1)[-1] in VOLATILE_CONFIG_KEYS and name.startswith("config."):
+        if name.startswith("config.") and _eval_invariant(name.rsplit(".", 1)[-1]):
             continue
         if name not in want_flat:
             continue
         if want_flat[name] != have_flat.get(name):
             where = f" at {store}" if store else ""
+            relax = (
+                " If you know the difference cannot change a gradient, pass "
+                "check_model='shapes' (class and parameter shapes only) or 'off'."
+                if name.startswith("config.")
+                else " (check_model='off' skips this check; rows would be meaningless.)"
+            )
             raise StoreMismatchError(
                 f"model.{name} is {have_flat.get(name)!r} for the query model but "
                 f"{want_flat[name]!r} in the gradient store{where}: query rows would not be "
                 "comparable with its rows. Query with the model the store was captured from "
                 "(same class, config and parameter shapes), or capture a store for this model."
+                + relax
             )
 
 

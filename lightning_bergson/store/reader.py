@@ -19,6 +19,7 @@ from .schema import (
     IncompleteStoreWarning,
     ModuleBlock,
     _open_root_attrs,
+    _read_attrs,
 )
 
 __all__ = ["GradientStore", "LazyRows"]
@@ -138,6 +139,12 @@ class GradientStore:
         self.advantages = cat["advantage"]  # NaN where the loss had no advantage weight
         self.ranks = np.repeat(np.arange(len(counts), dtype=np.int32), counts)
         self.num_rows = int(sum(counts))
+        # Rows deliberately not stored (on_nonfinite="skip"): {rank, example_id, step, epoch}.
+        self.skipped = [
+            {"rank": r, "example_id": i, "step": st, "epoch": ep}
+            for r in range(len(counts))
+            for i, st, ep in (_read_attrs(self.path / f"rank_{r}") or {}).get("skipped", [])
+        ]
 
     def _load_ranks(self, world_size: int) -> tuple[list[ChunkGuard], list[int], dict[str, list]]:
         """Gradient arrays, committed row counts and per-row columns of every rank.

@@ -208,6 +208,7 @@ class GradientStoreWriter:
         self._closed = False
         self._thread: threading.Thread | None = None
         self._arrays: dict[str, zarr.Array] = {}
+        self._skipped: list[list[int]] = []  # [example_id, step, epoch] of rows left out
 
     def _prepare_path(self, overwrite: bool) -> None:
         """Refuse to clobber data; with ``overwrite`` remove an old store (or our old group)."""
@@ -311,6 +312,7 @@ class GradientStoreWriter:
                 f" {on_disk} committed rows (is the store older than the checkpoint?)"
             )
         self._committed = self._queued = on_disk
+        self._skipped = [list(e) for e in self._group.attrs.get("skipped", [])]  # type: ignore[union-attr]
         self._group.attrs.update({"complete": False})
 
     @property
@@ -363,7 +365,20 @@ class GradientStoreWriter:
 
     def _submit(self, rows: Rows) -> None:
         start, self._queued = self._queued, self._queued + len(rows["gradients"])
-        self._submit_task(functools.partial(self._write, start, rows))
+        skipped = [list(s) for s in self._skipped]  # as of these rows, for the writer thread
+        self._submit_task(functools.partial(self._write, start, rows, skipped))
+
+    def record_skipped(self, example_id: Any, step: int, epoch: int) -> None:
+        """Note rows deliberately not stored (e.g. non-finite ones) in this rank's attrs.
+
+        They are written with the next committed rows and at :meth:`close`, as
+        ``skipped`` ``[[example_id, step, epoch], ...]``; a repeat (a resumed run
+        skipping the same row again) is kept once.
+        """
+        for i in np.asarray(example_id, dtype=np.int64).reshape(-1).tolist():
+            entry = [int(i), int(step), int(epoch)]
+            if entry not in self._skipped:
+                self._skipped.append(entry)
 
     def _submit_task(self, task: _Task) -> None:
         """Run ``task`` on the writer thread (in order), or now without one."""
@@ -376,10 +391,13 @@ class GradientStoreWriter:
             self._queue.put(task)
         self._raise_if_failed()
 
-    def _write(self, start: int, rows: Rows) -> None:
+    def _write(self, start: int, rows: Rows, skipped: list[list[int]] | None = None) -> None:
         _write_block(self._arrays, start, rows)
         self._committed = start + len(rows["gradients"])
-        self._group.attrs.update({"committed_rows": self._committed})
+        attrs: dict[str, Any] = {"committed_rows": self._committed}
+        if skipped:
+            attrs["skipped"] = skipped
+        self._group.attrs.update(attrs)
 
     def _worker(self) -> None:
         while True:
@@ -436,6 +454,8 @@ class GradientStoreWriter:
         finally:
             self._stop()
         _resize_rows(self._arrays, self._committed)
+        if self._skipped:
+            self._group.attrs.update({"skipped": self._skipped})
         if complete:
             self._group.attrs.update({"complete": True})
             # Each rank marks itself before checking the others, so the last one sees all.
