@@ -18,7 +18,7 @@ from oracles import Rows, lm_batch, tiny_gpt_neox
 
 import lightning_bergson.store.writer as writer_mod
 from lightning_bergson import CausalLMModule, GradientCaptureCallback, GradientStore
-from lightning_bergson.store import GradientStoreWriteError, IncompleteStoreWarning
+from lightning_bergson.store import GradientStoreWriteError, IncompleteStoreWarning, verify_store
 
 SCRIPT = Path(__file__).parent / "scripts" / "capture_run.py"
 # 16 examples, micro-batches of 2, 2 per optimizer step: 4 steps per epoch, 2 epochs.
@@ -87,6 +87,72 @@ def test_sigkill_then_resume_equals_uninterrupted(
     torch.testing.assert_close(
         store.read(slice(None)), uninterrupted.read(slice(None)), rtol=1e-6, atol=1e-9
     )
+
+
+def _resume_equals(tmp_path: Path, uninterrupted: GradientStore, *extra: str) -> None:
+    # Killed before the first checkpoint: the only way on is a fresh run over the store.
+    resume = ["--resume"] if (tmp_path / "ckpt" / "last.ckpt").exists() else []
+    resumed = script(tmp_path, *resume, *extra)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    store = GradientStore.open(tmp_path / "grads.zarr")
+    assert store.complete and verify_store(tmp_path / "grads.zarr", progress=False).ok
+    for column in ("example_ids", "steps", "epochs", "losses", "finite"):
+        np.testing.assert_array_equal(getattr(store, column), getattr(uninterrupted, column))
+    torch.testing.assert_close(
+        store.read(slice(None)), uninterrupted.read(slice(None)), rtol=1e-6, atol=1e-9
+    )
+
+
+FAULT_SEEDS = [int(s) for s in os.environ.get("LB_FAULT_SEEDS", "").split(",") if s]
+
+
+def _faults(seeds: list[int]) -> list[tuple[int, str, list[str]]]:
+    """Seeded kill moments: a batch end, a backward, a chunk write (torn), or close."""
+    out = []
+    for seed in seeds:
+        rng = np.random.default_rng(seed)
+        kind = ["end", "backward", "write", "close"][seed % 4]
+        if kind == "write":
+            extra = ["--kill-write", str(int(rng.integers(0, 15)))]
+        elif kind == "close":
+            extra = ["--kill-close"]
+        else:
+            extra = ["--kill-batch", str(int(rng.integers(0, 16))), "--kill-when", kind]
+        out.append((seed, kind, extra))
+    return out
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_chunked(tmp_path_factory) -> GradientStore:
+    out = tmp_path_factory.mktemp("full_chunked")
+    assert script(out, "--chunk-rows", "2").returncode == 0
+    return GradientStore.open(out / "grads.zarr")
+
+
+def _run_fault(tmp_path, uninterrupted_chunked, seed, kind, extra):
+    print(f"fault seed {seed}: {kind} {extra} (replay: LB_FAULT_SEEDS={seed})")
+    common = ["--ckpt-every", "1", "--chunk-rows", "2"]
+    killed = script(tmp_path, *common, *extra)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    with pytest.warns(IncompleteStoreWarning):
+        partial = GradientStore.open(tmp_path / "grads.zarr")
+    assert len(partial) <= len(uninterrupted_chunked)
+    assert verify_store(tmp_path / "grads.zarr", progress=False).ok  # committed rows intact
+    _resume_equals(tmp_path, uninterrupted_chunked, *common)
+
+
+@pytest.mark.parametrize(("seed", "kind", "extra"), _faults(FAULT_SEEDS or [1, 2, 3]))
+def test_fault_then_resume_equals_uninterrupted(tmp_path, uninterrupted_chunked, seed, kind, extra):
+    """Killed at a seeded moment (a torn chunk write and close included), then resumed."""
+    _run_fault(tmp_path, uninterrupted_chunked, seed, kind, extra)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("LB_FAULT_LONG"), reason="set LB_FAULT_LONG=1 (about 8 min)")
+@pytest.mark.parametrize(("seed", "kind", "extra"), _faults(list(range(100, 120))))
+def test_fault_suite_long(tmp_path, uninterrupted_chunked, seed, kind, extra):
+    """The long variant: 20 seeded moments (``LB_FAULT_LONG=1 pytest tests/test_resume.py``)."""
+    _run_fault(tmp_path, uninterrupted_chunked, seed, kind, extra)
 
 
 def _fit(tmp_path: Path, callback: GradientCaptureCallback, steps: int = 4) -> None:

@@ -172,3 +172,58 @@ def test_nonfinite_query_raises(pristine):
     queries[1, 4] = float("nan")
     with pytest.raises(ValueError, match=r"query rows \[1\] have non-finite gradients"):
         Attributor(pristine[0]).search(queries, k=2)
+
+
+def _snapshot(path: Path) -> dict[str, tuple[bytes, int]]:
+    return {
+        str(p.relative_to(path)): (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in sorted(path.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_reading_leaves_the_store_byte_for_byte_unchanged(pristine, tmp_path):
+    path = _copy(pristine, tmp_path)
+    before = _snapshot(path)
+    store = GradientStore.open(path)
+    store.read(slice(None)), store.read([3, 1]), list(store.iter_chunks(5))
+    list(iter_rows(store, 7))
+    assert store.verify(progress=False).ok
+    Attributor(path).search(torch.ones(2, DIM), k=3)
+    verify_main([str(path), "--no-progress"])
+    assert _snapshot(path) == before
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_enospc_at_a_random_write_keeps_committed_rows(tmp_path, monkeypatch, seed):
+    """A full disk at a seeded random chunk write: an error, and the rows before it intact."""
+    import errno
+
+    import lightning_bergson.store.writer as writer_mod
+    from lightning_bergson.store import GradientStoreWriteError, IncompleteStoreWarning
+
+    fail_at = int(np.random.default_rng(seed).integers(0, 6))
+    print(f"ENOSPC at chunk write {fail_at} (seed {seed})")
+    real, calls = writer_mod._write_block, []
+
+    def full_disk(arrays, start, rows):
+        calls.append(start)
+        if len(calls) - 1 == fail_at:
+            real({"gradients": arrays["gradients"]}, start, rows)  # half a write, then full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(arrays, start, rows)
+
+    monkeypatch.setattr(writer_mod, "_write_block", full_disk)
+    grads = torch.randn(24, DIM, generator=torch.Generator().manual_seed(seed))
+    path = tmp_path / "full.zarr"
+    with pytest.raises(GradientStoreWriteError, match=r"No space left.*Free disk space"):  # noqa: SIM117
+        with GradientStoreWriter(path, modules=BLOCKS, dtype="float32", chunk_rows=4) as w:
+            for start in range(0, 24, 3):
+                w.append(grads[start : start + 3], example_id=range(start, start + 3), step=0,
+                         epoch=0)  # fmt: skip
+            w.flush()
+    with pytest.warns(IncompleteStoreWarning):
+        store = GradientStore.open(path)
+    assert len(store) == 4 * fail_at
+    np.testing.assert_array_equal(store.read(slice(None)).numpy(), grads[: 4 * fail_at].numpy())
+    assert verify_store(path, progress=False).ok

@@ -60,7 +60,41 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true")
     p.add_argument("--kill-batch", type=int, default=-1)
     p.add_argument("--kill-when", default="end")
+    p.add_argument("--kill-write", type=int, default=-1, help="SIGKILL inside the Nth chunk write")
+    p.add_argument("--kill-close", action="store_true", help="SIGKILL inside the store's close")
+    p.add_argument("--chunk-rows", type=int, default=None)
     return p.parse_args(argv)
+
+
+def arm_store_faults(args: argparse.Namespace) -> None:
+    """SIGKILL in the middle of a chunk write (gradients written, columns and the committed
+    row count not) or in the middle of ``close`` (rows flushed, not yet marked complete)."""
+    import lightning_bergson.store.writer as writer_mod
+
+    if args.kill_write >= 0:
+        real, calls = writer_mod._write_block, []
+
+        def torn(arrays, start, rows):
+            calls.append(start)
+            if len(calls) - 1 == args.kill_write:
+                real({"gradients": arrays["gradients"]}, start, rows)
+                os.kill(os.getpid(), signal.SIGKILL)
+            real(arrays, start, rows)
+
+        writer_mod._write_block = torn
+    if args.kill_close:
+        real_resize = writer_mod._resize_rows
+        closing = writer_mod.GradientStoreWriter.close
+
+        def close(self, complete=True):
+            def resize_then_die(arrays, num_rows):
+                real_resize(arrays, num_rows)
+                os.kill(os.getpid(), signal.SIGKILL)
+
+            writer_mod._resize_rows = resize_then_die
+            closing(self, complete)
+
+        writer_mod.GradientStoreWriter.close = close
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -84,8 +118,10 @@ def main(argv: list[str] | None = None) -> None:
             normalizer=args.normalizer,
             dtype="float32",
             overwrite=not args.resume,
+            chunk_rows=args.chunk_rows,
         )
     ]
+    arm_store_faults(args)
     if args.ckpt_every:
         callbacks.append(
             ModelCheckpoint(
