@@ -1,9 +1,10 @@
 """Capture overhead: ``fit`` with GradientCaptureCallback vs the same ``fit`` without it.
 
 Same model, data, seed and process; runs alternate (plain, capture, plain, ...) so
-machine noise hits both sides alike. The ratio printed is the median over ``--repeats``
-pairs of each pair's capture / plain time (a pair runs back to back, so slow drifts of a
-shared machine cancel); the ratio of the median times is printed beside it.
+machine noise hits both sides alike, in ABBA order (the side that runs first in a pair
+alternates). The ratio printed is the median over ``--repeats`` pairs of each pair's
+capture / plain time (a pair runs back to back, so slow drifts of a shared machine
+cancel); the ratio of the median times is printed beside it.
 
 Run: ``python benchmarks/capture_overhead.py`` (``--help`` for sizes). Prints the
 wall-time ratio (target <= 1.05), rows/s and MB/s written. ``--short`` is a short fit
@@ -14,6 +15,7 @@ the fixed costs per fit (store creation, writer thread, close) weigh most.
 from __future__ import annotations
 
 import argparse
+import gc
 import shutil
 import statistics
 import tempfile
@@ -121,8 +123,12 @@ def main() -> None:
     try:
         run(args, None)  # warm-up: imports, allocator, kernels
         plain, capture, cpu_plain, cpu_cap = [], [], [], []
-        for _ in range(args.repeats):
-            for times, cpus, where in ((plain, cpu_plain, None), (capture, cpu_cap, tmp)):
+        sides = [(plain, cpu_plain, None), (capture, cpu_cap, tmp)]
+        for i in range(args.repeats):
+            # ABBA order: whichever side runs second in a pair (after the other's teardown)
+            # alternates, so an order effect cancels instead of biasing the ratio.
+            for times, cpus, where in sides if i % 2 == 0 else sides[::-1]:
+                gc.collect()
                 wall, cpu = run(args, where)
                 times.append(wall)
                 cpus.append(cpu)
