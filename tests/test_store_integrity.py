@@ -227,3 +227,38 @@ def test_enospc_at_a_random_write_keeps_committed_rows(tmp_path, monkeypatch, se
     assert len(store) == 4 * fail_at
     np.testing.assert_array_equal(store.read(slice(None)).numpy(), grads[: 4 * fail_at].numpy())
     assert verify_store(path, progress=False).ok
+
+
+def test_a_reader_during_writing_sees_only_committed_rows(tmp_path):
+    """Open and read the store again and again while a writer thread appends chunks."""
+    import threading
+    import warnings
+
+    from lightning_bergson.store import IncompleteStoreWarning
+
+    path = tmp_path / "live.zarr"
+    grads = torch.randn(400, DIM, generator=torch.Generator().manual_seed(3))
+    writer = GradientStoreWriter(path, modules=BLOCKS, dtype="float32", chunk_rows=8)
+    done = threading.Event()
+
+    def produce() -> None:
+        for start in range(0, 400, 5):
+            writer.append(grads[start : start + 5], example_id=range(start, start + 5), step=0,
+                          epoch=0)  # fmt: skip
+        writer.close()
+        done.set()
+
+    thread = threading.Thread(target=produce)
+    thread.start()
+    seen = set()
+    while not done.is_set() or not seen:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", IncompleteStoreWarning)
+            store = GradientStore.open(path)
+            n = len(store)
+            rows = store.read(slice(None)).numpy() if n else np.zeros((0, DIM), np.float32)
+        np.testing.assert_array_equal(store.example_ids, np.arange(n))
+        np.testing.assert_array_equal(rows, grads[:n].numpy())
+        seen.add(n)
+    thread.join()
+    assert len(seen) > 1 and GradientStore.open(path).complete

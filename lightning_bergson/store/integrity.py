@@ -107,7 +107,10 @@ def stored_chunks(arr: zarr.Array) -> set[int]:
     async def keys() -> list[str]:
         return [k async for k in arr.store.list_prefix(prefix)]
 
-    return {int(key[len(prefix) :].split("/", 1)[0]) for key in sync(keys())}
+    # A chunk being written is a temporary "<k>.<uuid>.partial" file until it is renamed
+    # into place (Zarr's local store writes atomically): it is not a stored chunk yet.
+    heads = (key[len(prefix) :].split("/", 1)[0] for key in sync(keys()))
+    return {int(head) for head in heads if head.isdigit()}
 
 
 class ChunkGuard:
