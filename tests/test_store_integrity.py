@@ -262,3 +262,15 @@ def test_a_reader_during_writing_sees_only_committed_rows(tmp_path):
         seen.add(n)
     thread.join()
     assert len(seen) > 1 and GradientStore.open(path).complete
+
+
+def test_a_chunk_deleted_after_opening_is_refused(pristine, tmp_path):
+    path = _copy(pristine, tmp_path)
+    store = GradientStore.open(path)
+    _damage(path, "gradients", 2, "deleted")
+    with pytest.raises(StoreIntegrityError, match=_named(2)):
+        store.read(slice(None))
+    with pytest.raises(StoreIntegrityError, match=_named(2)):
+        store.read([17])
+    with pytest.raises(StoreIntegrityError, match=_named(2)):
+        list(iter_rows(store, CHUNK))

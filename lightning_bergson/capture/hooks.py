@@ -316,8 +316,10 @@ class GradientCollector:
         """
         plan = self.plans[name]
         if isinstance(a, _Projected):
-            g = g.reshape(g.shape[0], -1, g.shape[-1]).to(a.inputs.dtype)  # (B, S, O)
-            return self._project_outputs(plan, g, a.inputs)
+            ar = a.inputs  # float32, or float64 for a float64 input
+            dtype = torch.float64 if torch.float64 in (ar.dtype, g.dtype) else torch.float32
+            g = g.reshape(g.shape[0], -1, g.shape[-1]).to(dtype)  # (B, S, O)
+            return self._project_outputs(plan, g, ar.to(dtype))
         dtype = torch.float64 if torch.float64 in (a.dtype, g.dtype) else torch.float32
         if plan.conv is not None:
             a = patches(plan.conv, a.to(dtype))  # (B, P, C * prod(k))

@@ -161,16 +161,29 @@ class ChunkGuard:
             touched = np.unique(np.asarray(rows) // self.chunk_rows).tolist()
         if not len(touched):
             return self.array.get_orthogonal_selection(sel)
-        gone = sorted(set(self.missing) & set(touched))
-        if gone:
-            raise integrity_error(self.path, [self.damage(k, "missing") for k in gone])
         try:
-            return self.array.get_orthogonal_selection(sel)
+            out = self.array.get_orthogonal_selection(sel)
         except ValueError as err:  # a checksum mismatch, or a short chunk of an old store
             found = self.scan(touched)
             if not found:
                 raise
             raise integrity_error(self.path, found) from err
+        # Zarr reads an absent chunk as the fill value: check after reading, so a chunk
+        # deleted after the store was opened (or during the read) is refused too.
+        gone = sorted(k for k in touched if k in self.missing or not self._present(k))
+        if gone:
+            raise integrity_error(self.path, [self.damage(k, "missing") for k in gone])
+        return out
+
+    def _present(self, chunk: int) -> bool:
+        """Whether ``chunk`` exists now (a stat for local stores; else the listing at open)."""
+        if not self.checked:
+            return True
+        root = getattr(self.array.store, "root", None)
+        if root is None:
+            return chunk not in self.missing
+        key = self.array.metadata.encode_chunk_key((chunk,) + (0,) * (self.array.ndim - 1))
+        return (Path(str(root)) / self.array.path / key).is_file()
 
     def scan(self, chunks: Sequence[int] | range | None = None) -> list[Damage]:
         """Decode each chunk of ``chunks`` (default: all committed) once; return the damage."""
