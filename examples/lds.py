@@ -31,7 +31,7 @@ from torch import Tensor
 
 from lightning_bergson import GradientCollector, MagicModule, TextDataModule
 from lightning_bergson.magic import query_batch
-from lightning_bergson.magic.functional import example_losses, token_losses
+from lightning_bergson.magic.functional import DEFAULT_EPS_ROOT, example_losses, token_losses
 from lightning_bergson.magic.lds import (
     format_table,
     linear_datamodeling_score,
@@ -60,7 +60,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"])
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--eps", type=float, default=1e-8, help="Adam epsilon")
-    p.add_argument("--eps_root", type=float, default=1e-4, help="Adam epsilon inside the sqrt")
+    p.add_argument(
+        "--eps_root",
+        type=float,
+        default=DEFAULT_EPS_ROOT,
+        help="Adam epsilon inside the sqrt (default: MagicModule's)",
+    )
     p.add_argument("--momentum", type=float, default=0.0, help="SGD momentum")
     p.add_argument("--max_grad_norm", type=float, default=1.0)
     p.add_argument("--num_queries", type=int, default=8, help="facts 0..Q-1 are the queries")

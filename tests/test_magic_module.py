@@ -14,9 +14,12 @@ from lightning_bergson.magic import OptimizerConfig, metagradients
 OPTIONS = {"optimizer": "adamw", "lr": 1e-2, "weight_decay": 0.1, "max_grad_norm": 0.1}
 
 
-def _fit(module: MagicModule, batches: list[dict], epochs: int = 2) -> MagicModule:
+def _fit(
+    module: MagicModule, batches: list[dict], epochs: int = 2, precision: str = "32-true"
+) -> MagicModule:
     trainer = L.Trainer(
         max_epochs=epochs,
+        precision=precision,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -55,6 +58,75 @@ def test_lightning_fit_attribute_and_retrains_follow_the_pure_path():
         losses.append(_fit(retrained, batches).query_loss(query))
     fd = (losses[0] - losses[1]) / (2 * h)
     assert float(((scores[:, 4] - fd).abs() / fd.abs()).max()) <= 1e-4
+
+
+# Through L.Trainer with precision="64-true" (Lightning makes float64 the default dtype
+# inside training_step, not in the reverse pass): default eps_root, a clip that is active.
+LIGHTNING = {
+    "sgd": {"optimizer": "sgd", "lr": 0.5, "momentum": 0.9},
+    "sgd-clip": {"optimizer": "sgd", "lr": 0.5, "momentum": 0.9, "max_grad_norm": 0.1},
+    "adamw": {"optimizer": "adamw", "lr": 1e-2, "weight_decay": 0.1},
+    "adamw-clip": {"optimizer": "adamw", "lr": 1e-2, "weight_decay": 0.1, "max_grad_norm": 0.1},
+}
+
+
+def _lightning_scores(options: dict, **kw) -> tuple[MagicModule, torch.Tensor]:
+    mm = MagicModule(tiny_model(), num_examples=6, **options, **kw)
+    _fit(mm, tiny_batches(), precision="64-true")
+    return mm, mm.attribute(tiny_query())
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw-clip"])
+def test_lightning_scores_do_not_depend_on_the_checkpoint_schedule(name, tmp_path):
+    mm, base = _lightning_scores(LIGHTNING[name], checkpoint_schedule="all")
+    assert mm.trajectory is not None and mm.trajectory.kept_steps == list(range(6))
+    for schedule in ("sqrt", "log"):
+        for where in (None, tmp_path / schedule):
+            run, scores = _lightning_scores(
+                LIGHTNING[name], checkpoint_schedule=schedule, checkpoint_dir=where
+            )
+            assert run.trajectory is not None and len(run.trajectory.kept_steps) < 6
+            assert torch.equal(scores, base), (schedule, where)  # bitwise
+
+
+@pytest.mark.parametrize("name", list(LIGHTNING))
+def test_lightning_scores_are_float64_central_differences(name):
+    _, scores = _lightning_scores(LIGHTNING[name])  # default schedule "sqrt"
+    # h = 1e-5: O(h^2) error ~1e-9 with the default eps_root (at eps_root=1e-8 Adam is
+    # curved enough to leave 3e-6; h = 1e-6 brings that to 3e-8)
+    h, query = 1e-5, tiny_query()
+    for i in (0, 1, 4):  # both examples of the first batch, one of the last
+        losses = []
+        for sign in (1, -1):
+            w = torch.ones(6, dtype=torch.float64)
+            w[i] += sign * h
+            retrained = MagicModule(tiny_model(), num_examples=6, data_weights=w, **LIGHTNING[name])
+            losses.append(_fit(retrained, tiny_batches(), precision="64-true").query_loss(query))
+        fd = (losses[0] - losses[1]) / (2 * h)
+        # relative to the score, or to 1% of the query's largest score for a near-zero one
+        # (a difference of losses cannot resolve 1e-6 of a score 3000x below the others)
+        scale = torch.maximum(fd.abs(), 1e-2 * scores.abs().max(1).values)
+        assert float(((scores[:, i] - fd).abs() / scale).max()) <= 1e-6, (name, i)
+
+
+def test_steps_do_not_depend_on_the_callers_default_dtype():
+    """Lightning sets the default dtype per precision; the step fixes its own."""
+    from lightning_bergson.magic.step import FunctionalTrainer
+
+    step_fn = FunctionalTrainer(tiny_model(), OptimizerConfig("adamw", lr=1e-2))
+    batch = tiny_batches()[0]
+    states = []
+    for default in (torch.float32, torch.float64):
+        before = torch.get_default_dtype()
+        torch.set_default_dtype(default)
+        try:
+            state = step_fn.init_state(torch.manual_seed(0).get_state())
+            states.append(step_fn.step(state, batch, torch.ones(2, dtype=torch.float64))[0])
+        finally:
+            torch.set_default_dtype(before)
+        assert torch.get_default_dtype() == before
+    for name, value in states[0].params.items():
+        assert torch.equal(value, states[1].params[name]), name
 
 
 def test_fused_attention_is_switched_to_eager():

@@ -6,7 +6,7 @@ LDS) run this same step, built from the pure pieces of :mod:`.functional`.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,7 +27,7 @@ from .functional import (
     weighted_lm_loss,
 )
 
-__all__ = ["FunctionalTrainer", "TrainState", "training_mode"]
+__all__ = ["FunctionalTrainer", "TrainState", "step_dtype", "training_mode"]
 
 
 @dataclass
@@ -121,7 +121,7 @@ class FunctionalTrainer:
 
         The aggregate loss is the mean over every supervised token of the batch.
         """
-        with training_mode(self.model, False):
+        with training_mode(self.model, False), step_dtype(params.values()):
             logits = self.logits(params, batch)  # (Q, S, V)
         labels = _labels(batch)
         return (
@@ -158,6 +158,7 @@ class FunctionalTrainer:
             torch.enable_grad(),
             torch.random.fork_rng(devices=[]),
             training_mode(self.model, True),
+            step_dtype(params.values()),
         ):
             torch.set_rng_state(state.rng)
             loss = weighted_lm_loss(self.logits(params, batch), _labels(batch), weights)
@@ -180,6 +181,28 @@ class FunctionalTrainer:
             new_params = torchopt.apply_updates(params, updates, inplace=False)
         new = TrainState(dict(new_params), opt_state, rng, state.step + 1)
         return (new if trace else new.detached()), loss.detach()
+
+
+@contextmanager
+def step_dtype(params: Iterable[Tensor]) -> Iterator[None]:
+    """Fix the default dtype for a step: float64 if any parameter is float64, else float32.
+
+    Tensors a step creates without a dtype follow the default dtype; torchopt's Adam bias
+    correction ``1 - beta ** count`` is one (``count`` is an integer tensor). Lightning
+    changes the default inside ``training_step`` (``precision="64-true"`` makes it float64,
+    ``"bf16-true"`` bfloat16), but the reverse pass and retrains run outside it, so without
+    this the replayed steps would differ from the recorded ones (in float32,
+    ``1 - 0.999`` is off by 1.3e-5) and metagradients would silently depend on the
+    checkpoint schedule. bfloat16/float16 parameters still get float32 (``0.999`` rounds
+    to 1 in bfloat16).
+    """
+    wide = any(p.dtype == torch.float64 for p in params)
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64 if wide else torch.float32)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
 
 
 @contextmanager

@@ -114,7 +114,11 @@ class Trajectory:
             self._like = state
         if state.step in self._planned:
             self._kept[state.step] = self._store(state, f"step_{state.step:06d}")
-        self.batches.append({k: batch[k].detach().cpu() for k in BATCH_KEYS if k in batch})
+        # Copies, never views: a loader may hand out the same tensors again (or refill a
+        # buffer), and the replay must see what this step trained on.
+        self.batches.append(
+            {k: batch[k].detach().to("cpu", copy=True) for k in BATCH_KEYS if k in batch}
+        )
 
     def finish(self, final: TrainState) -> None:
         """Keep the final state (and, on disk, write the batches and ``trajectory.json``)."""
