@@ -33,9 +33,7 @@ TEXTS = [
     "Donald Knuth typeset his own books with a program he wrote himself.",
     "Ken Thompson wrote Unix.",
 ]
-CHAT = (
-    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
-)
+CHAT = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
 
 
 @pytest.fixture(scope="module")

@@ -149,3 +149,34 @@ def test_bad_inputs_name_the_fix():
         _fit(MagicModule(tiny_model(), num_examples=4), tiny_batches(), epochs=1)
     with pytest.raises(RuntimeError, match="needs a finished fit"):
         MagicModule(tiny_model()).attribute(tiny_query())
+
+
+def test_metasmoothness_is_the_score_of_three_lightning_trainings():
+    from lightning_bergson.magic.functional import metasmoothness_score
+
+    opts = LIGHTNING["adamw-clip"]
+    mm, _ = _lightning_scores(opts)
+    h, v = 0.1, torch.randn(6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    finals = [dict(mm.model.named_parameters())]
+    for k in (1, 2):  # independent retrains through L.Trainer with the perturbed weights
+        run = MagicModule(tiny_model(), num_examples=6, data_weights=1 + k * h * v, **opts)
+        finals.append(dict(_fit(run, tiny_batches(), precision="64-true").model.named_parameters()))
+    flat = [torch.cat([p.detach().reshape(-1) for p in f.values()]) for f in finals]
+    expected = metasmoothness_score(*flat)
+    assert 0 < expected < 1
+    assert mm.metasmoothness(h=h, seed=3) == pytest.approx(expected, rel=1e-12)
+    with pytest.warns(UserWarning, match="eps_root"):
+        mm.metasmoothness(h=h, seed=3, warn_below=1.01)
+
+
+def test_one_sgd_step_is_perfectly_metasmooth_and_sign_flips_count_against():
+    from lightning_bergson.magic.functional import metasmoothness_score
+
+    mm = MagicModule(tiny_model(), num_examples=6, optimizer="sgd", lr=0.5)
+    _fit(mm, tiny_batches()[:1], epochs=1, precision="64-true")  # parameters affine in w
+    assert mm.metasmoothness(h=0.5) == pytest.approx(1.0, abs=1e-9)
+    t0 = torch.zeros(4, dtype=torch.float64)
+    th = torch.tensor([1.0, 1.0, -1.0, 0.0], dtype=torch.float64)
+    t2h = torch.tensor([3.0, 0.5, -2.0, 0.0], dtype=torch.float64)  # 2nd entry turns back
+    # d = [3, 0.5, 2, 0] / 5.5; agreement [+1, -1, +1, 0]
+    assert metasmoothness_score(t0, th, t2h) == pytest.approx((3 - 0.5 + 2) / 5.5)

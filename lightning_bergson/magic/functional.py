@@ -43,6 +43,7 @@ __all__ = [
     "clip_by_global_norm",
     "example_losses",
     "make_optimizer",
+    "metasmoothness_score",
     "replay_keep_next",
     "token_losses",
     "weighted_lm_loss",
@@ -137,6 +138,30 @@ def batch_weights(
             )
         w = w[:, :seq_len]  # (B, S)
     return w
+
+
+def metasmoothness_score(theta0: Tensor, theta_h: Tensor, theta_2h: Tensor) -> float:
+    """Empirical metasmoothness of three trainings (arXiv 2503.13751, Definition 2).
+
+    ``theta0``, ``theta_h``, ``theta_2h`` are the flat final parameters of trainings with data
+    weights ``w``, ``w + h v`` and ``w + 2h v``. The score is the movement-weighted sign
+    agreement of the two consecutive finite differences,
+    ``sum_j (d_j / |d|_1) sign(theta_h - theta0)_j sign(theta_2h - theta_h)_j`` with
+    ``d = |theta_2h - theta0|``: 1 when the parameters respond linearly to the weights,
+    near 0 or negative when the response is rough (metagradients then predict retrains
+    poorly).
+
+    Example:
+        >>> t0 = torch.tensor([0.0, 0.0, 0.0])
+        >>> metasmoothness_score(t0, torch.tensor([1.0, -1.0, 1.0]), torch.tensor([2.0, -2.0, 0.0]))
+        1.0
+    """
+    d = (theta_2h - theta0).abs()
+    total = d.sum()
+    if total == 0:
+        return 1.0
+    agree = torch.sign(theta_h - theta0) * torch.sign(theta_2h - theta_h)
+    return float((d / total * agree).sum())
 
 
 DEFAULT_EPS_ROOT = 1e-4
