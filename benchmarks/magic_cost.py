@@ -198,6 +198,12 @@ def main() -> None:
             mb = med(runs, mem_key)
             line += f"{mb:>9.1f}{mb / base_mb:>8.2f}"
         print(line)
+    one, many = med(magic, "reverse1_s"), med(magic, "reverseq_s")
+    print(
+        f"per query: {many / args.queries:.2f} s of reverse pass with {args.queries} queries "
+        f"in one pass ({many / args.queries / one:.2f}x one aggregate query's pass; the "
+        "replays and the traced step are shared, only the double backward is per query)"
+    )
 
 
 if __name__ == "__main__":
