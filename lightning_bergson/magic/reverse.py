@@ -163,10 +163,6 @@ def vjp_step(
     new, _ = trainer.step(traced, batch, w, trace=True)
     outs = list(new.params.values()) + [t for t in new.opt_leaves() if t.is_floating_point()]
     ins = [*params.values(), *floats, w]
-    if len(adjoints) > 1:
-        batched = _batched_vjp(outs, ins, adjoints)
-        if batched is not None:
-            return batched
     pulled, w_grads = [], []
     for q, adj in enumerate(adjoints):
         pairs = [(o, a) for o, a in zip(outs, adj, strict=True) if o.requires_grad]
@@ -181,36 +177,6 @@ def vjp_step(
         pulled.append([g.detach() for g in grads[:-1]])
         w_grads.append(grads[-1].detach())
     return pulled, torch.stack(w_grads)  # (Q, B) or (Q, B, S)
-
-
-def _batched_vjp(
-    outs: list[Tensor], ins: list[Tensor], adjoints: list[list[Tensor]]
-) -> tuple[list[list[Tensor]], Tensor] | None:
-    """Every query's VJP in one vmapped double backward (``is_grads_batched``).
-
-    Same values as one backward per query (to rounding), several times faster with many
-    queries. ``None`` when an operation of the traced step has no batching rule; the
-    caller then runs one backward per query. The graph is kept for that fallback.
-    """
-    keep = [i for i, o in enumerate(outs) if o.requires_grad]
-    try:
-        grads = torch.autograd.grad(
-            [outs[i] for i in keep],
-            ins,
-            grad_outputs=[torch.stack([adj[i] for adj in adjoints]) for i in keep],
-            retain_graph=True,
-            allow_unused=True,
-            is_grads_batched=True,
-        )
-    except RuntimeError:
-        return None
-    num = len(adjoints)
-    grads = [
-        x.new_zeros((num, *x.shape)) if g is None else g.detach()
-        for x, g in zip(ins, grads, strict=True)
-    ]
-    pulled = [[g[q] for g in grads[:-1]] for q in range(num)]
-    return pulled, grads[-1]  # (Q, B) or (Q, B, S)
 
 
 def _fingerprint(
