@@ -9,6 +9,7 @@ Run: ``python -m lightning_bergson fit --config configs/quickstart.yaml``
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import wraps
@@ -336,7 +337,7 @@ class GradientCaptureCallback(Callback):
                 "their rows are normalized with the last optimizer state"
             )
             self._flush_deferred(trainer)
-        self._report_nonfinite(trainer.current_epoch)
+        self._report_nonfinite(trainer)
         if self.writer is not None:
             # Normalizers first: a store flagged complete has everything a query needs.
             if self.normalizer != "none" and trainer.is_global_zero and self.collector is not None:
@@ -451,8 +452,8 @@ class GradientCaptureCallback(Callback):
             finite=finite,
         )
 
-    def _report_nonfinite(self, epoch: int) -> None:
-        """One warning for the non-finite rows seen since the last report."""
+    def _report_nonfinite(self, trainer: L.Trainer) -> None:
+        """One warning per rank for the non-finite rows it saw since the last report."""
         if not self._nonfinite:
             return
         bad, self._nonfinite = self._nonfinite, []
@@ -460,16 +461,18 @@ class GradientCaptureCallback(Callback):
             "warn": "stored as they are and flagged finite=False (queries skip them)",
             "skip": "not stored; their ids are in GradientStore.skipped",
         }[self.on_nonfinite]
-        rank_zero_warn(
-            f"{len(bad)} example{'s' if len(bad) != 1 else ''} had non-finite gradients in "
-            f"epoch {epoch} (example ids "
+        rank = f"rank {trainer.global_rank}: " if trainer.world_size > 1 else ""
+        warnings.warn(  # every rank: rank 1's bad rows are not rank 0's to report
+            f"{rank}{len(bad)} example{'s' if len(bad) != 1 else ''} had non-finite gradients "
+            f"in epoch {trainer.current_epoch} (example ids "
             f"{bad[:10]}{' ...' if len(bad) > 10 else ''}): {done}. Set "
-            "on_nonfinite='raise' to stop at the first one."
+            "on_nonfinite='raise' to stop at the first one.",
+            stacklevel=2,
         )
 
     @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._report_nonfinite(trainer.current_epoch)
+        self._report_nonfinite(trainer)
 
     def _warn_missing(self, block: str, step: int) -> None:
         if f"missing:{block}" not in self._warned:

@@ -208,7 +208,8 @@ class GradientStoreWriter:
         self._closed = False
         self._thread: threading.Thread | None = None
         self._arrays: dict[str, zarr.Array] = {}
-        self._skipped: list[list[int]] = []  # [example_id, step, epoch] of rows left out
+        # (example_id, step, epoch) of rows left out, in order, each once
+        self._skipped: dict[tuple[int, int, int], None] = {}
 
     def _prepare_path(self, overwrite: bool) -> None:
         """Refuse to clobber data; with ``overwrite`` remove an old store (or our old group)."""
@@ -312,7 +313,8 @@ class GradientStoreWriter:
                 f" {on_disk} committed rows (is the store older than the checkpoint?)"
             )
         self._committed = self._queued = on_disk
-        self._skipped = [list(e) for e in self._group.attrs.get("skipped", [])]  # type: ignore[union-attr]
+        old = self._group.attrs.get("skipped", [])  # type: ignore[union-attr]
+        self._skipped = dict.fromkeys(tuple(int(x) for x in e) for e in old)
         self._group.attrs.update({"complete": False})
 
     @property
@@ -376,9 +378,7 @@ class GradientStoreWriter:
         skipping the same row again) is kept once.
         """
         for i in np.asarray(example_id, dtype=np.int64).reshape(-1).tolist():
-            entry = [int(i), int(step), int(epoch)]
-            if entry not in self._skipped:
-                self._skipped.append(entry)
+            self._skipped[(int(i), int(step), int(epoch))] = None
 
     def _submit_task(self, task: _Task) -> None:
         """Run ``task`` on the writer thread (in order), or now without one."""
@@ -455,7 +455,7 @@ class GradientStoreWriter:
             self._stop()
         _resize_rows(self._arrays, self._committed)
         if self._skipped:
-            self._group.attrs.update({"skipped": self._skipped})
+            self._group.attrs.update({"skipped": [list(e) for e in self._skipped]})
         if complete:
             self._group.attrs.update({"complete": True})
             # Each rank marks itself before checking the others, so the last one sees all.
