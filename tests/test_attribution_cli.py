@@ -78,3 +78,30 @@ def test_readme_main_job_attribute_command(run, capsys):
     main(argv)
     out = capsys.readouterr().out
     assert out.count("top 5:") == 3 and "Query 2:" in out
+
+
+def test_score_and_attribute_refuse_a_damaged_store(run, tmp_path):
+    """A damaged gradient chunk stops ``score`` and ``attribute`` with the named error, and
+    the score array ``score`` had started is refused as incomplete, never read as zeros."""
+    import shutil
+
+    from lightning_bergson.store import StoreIntegrityError
+
+    store = tmp_path / "grads.zarr"
+    shutil.copytree(run / "grads.zarr", store)
+    chunk = store / "rank_0" / "gradients" / "c" / "0" / "0"
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    named = r"rank_0/gradients chunk 0 \(rows 0-.*(checksum|crc32c)"
+    out = tmp_path / "scores.zarr"
+    args = ["--store", str(store), "--model", str(run), "--fact", "all"]
+    with pytest.raises(StoreIntegrityError, match=named):  # fitting the preconditioner
+        main(["score", *args, "--out", str(out)])
+    assert not out.exists()
+    with pytest.raises(StoreIntegrityError, match=named):  # the streaming scan
+        main(["score", *args, "--out", str(out), "--preconditioner", "none"])
+    with pytest.raises(ValueError, match=r"incomplete.*Write it again"):
+        ScoreArray.open(out)
+    with pytest.raises(StoreIntegrityError, match=named):
+        main(["attribute", *args[:4], "--fact", "[0, 1]", "--top_k", "3"])

@@ -274,3 +274,127 @@ def test_a_chunk_deleted_after_opening_is_refused(pristine, tmp_path):
         store.read([17])
     with pytest.raises(StoreIntegrityError, match=_named(2)):
         list(iter_rows(store, CHUNK))
+
+
+# A read-only location: root bypasses file permissions, so as root the script runs with
+# the capabilities that do so dropped from its bounding set (util-linux ``setpriv``).
+_READ_ONLY_SCRIPT = r"""
+import json, subprocess, sys
+import numpy as np
+from lightning_bergson.scores import write_scores
+from lightning_bergson.store import GradientStoreWriter, GradientStoreWriteError, layout_blocks
+
+blocks = layout_blocks([("a", (2, 3), "a", None), ("b", (1, 4), "b", None)])
+store, locked, scores = sys.argv[1:4]
+attempts = {
+    "create in a read-only dir": lambda: GradientStoreWriter(f"{locked}/new.zarr", modules=blocks),
+    "reopen": lambda: GradientStoreWriter.reopen(store, committed_rows=8),
+    "overwrite": lambda: GradientStoreWriter(store, modules=blocks, overwrite=True),
+    "score array overwrite": lambda: write_scores(
+        scores, np.ones((1, 2)), [0, 1], method="m", convention="influence", overwrite=True
+    ),
+}
+out = {}
+for name, attempt in attempts.items():
+    try:
+        attempt()
+        out[name] = "no error"
+    except GradientStoreWriteError as err:
+        out[name] = str(err)
+    except Exception as err:  # any other error is a failure of the test too
+        out[name] = f"{type(err).__name__}: {err}"
+verify = [sys.executable, "-m", "lightning_bergson", "verify", store, "--truncate",
+          "--no-progress"]
+run = subprocess.run(verify, capture_output=True, text=True)
+out["verify --truncate"] = [run.returncode, run.stderr]
+print(json.dumps(out))
+"""
+
+
+def _without_permission_override() -> list[str]:
+    import os
+
+    if os.geteuid() != 0:
+        return []
+    if shutil.which("setpriv") is None:
+        pytest.skip("running as root and util-linux setpriv is missing: cannot drop the "
+                    "capability that bypasses file permissions")  # fmt: skip
+    return ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
+
+
+def test_a_read_only_location_is_refused_before_anything_changes(pristine, tmp_path):
+    import json
+
+    from lightning_bergson.scores import write_scores
+
+    path = _copy(pristine, tmp_path)
+    scores = write_scores(tmp_path / "s.zarr", np.eye(2), [7, 9], method="m",
+                          convention="influence")  # fmt: skip
+    ro_dir = tmp_path / "ro"
+    ro_dir.mkdir()
+    # only rank_0/gradients of the store is read-only: a replacement that removed what it
+    # could before failing would leave half a store
+    targets = [path / "rank_0" / "gradients", scores, ro_dir]
+    locked = [d for t in targets for d in [t, *t.rglob("*")] if d.is_dir()]
+    before = {p: _snapshot(p) for p in (path, scores)}
+    for d in locked:
+        d.chmod(0o555)
+    try:
+        cmd = [*_without_permission_override(), sys.executable, "-c", _READ_ONLY_SCRIPT]
+        run = subprocess.run([*cmd, str(path), str(ro_dir), str(scores)], capture_output=True,
+                             text=True)  # fmt: skip
+    finally:
+        for d in locked:
+            d.chmod(0o755)
+    assert run.returncode == 0, run.stderr
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    for name in ("reopen", "overwrite"):
+        assert "is read-only (nothing was changed)" in out[name], (name, out[name])
+        assert str(path / "rank_0" / "gradients") in out[name] and "chmod -R u+w" in out[name]
+    assert f"{ro_dir} is read-only" in out["create in a read-only dir"]
+    assert f"Cannot write a score array at {scores}" in out["score array overwrite"]
+    code, err = out["verify --truncate"]
+    assert code == 0, err  # nothing to truncate: the store is undamaged, verify only reads
+    assert {p: _snapshot(p) for p in (path, scores)} == before  # byte for byte, mtimes too
+    assert list(ro_dir.iterdir()) == []
+    assert verify_store(path, progress=False).ok
+
+
+def test_verify_truncate_on_a_read_only_copy_is_an_error(pristine, tmp_path):
+    path = _copy(pristine, tmp_path)
+    _damage(path, "gradients", 2, "overwritten")
+    before = _snapshot(path)
+    locked = [d for d in [path, *path.rglob("*")] if d.is_dir()]
+    for d in locked:
+        d.chmod(0o555)
+    try:
+        cmd = [*_without_permission_override(), sys.executable, "-m", "lightning_bergson"]
+        run = subprocess.run([*cmd, "verify", str(path), "--truncate", "--no-progress"],
+                             capture_output=True, text=True)  # fmt: skip
+    finally:
+        for d in locked:
+            d.chmod(0o755)
+    assert run.returncode == 1
+    assert "rank_0/gradients chunk 2 (rows 16-23" in run.stdout
+    assert f"error: Cannot write a gradient store at {path / 'rank_0'}" in run.stderr
+    assert "Traceback" not in run.stderr
+    assert _snapshot(path) == before
+
+
+@pytest.mark.parametrize("how", HOWS)
+def test_a_damaged_score_array_is_refused(tmp_path, how):
+    from lightning_bergson.scores import ScoreArray, write_scores
+
+    path = write_scores(tmp_path / "s.zarr", np.arange(6.0).reshape(2, 3), [4, 5, 6],
+                        method="m", convention="influence")  # fmt: skip
+    np.testing.assert_array_equal(ScoreArray.open(path).scores, np.arange(6.0).reshape(2, 3))
+    key = path / "scores" / "c" / "0" / "0"
+    data = key.read_bytes()
+    if how == "deleted":
+        key.unlink()
+    elif how == "overwritten":
+        key.write_bytes(data[:4] + bytes(b ^ 0x5A for b in data[4:7]) + data[7:])
+    else:
+        key.write_bytes(data[: len(data) // 2])
+    with pytest.raises(StoreIntegrityError, match=r"s.zarr/scores.*(missing|damaged)"):
+        ScoreArray.open(path)

@@ -16,7 +16,8 @@ import numpy as np
 import zarr
 from torch import Tensor
 
-from ..scores import FORMAT, SCHEMA_VERSION
+from ..scores import FORMAT, SCHEMA_VERSION, create_checked_array, mark_complete
+from ..store.schema import require_writable
 from .attributor import Attributor, Queries
 
 __all__ = ["QueryReduce", "reduce_queries", "write_score_array"]
@@ -71,12 +72,13 @@ def _create(
 ) -> zarr.Array:
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True or choose another path")
-    group = zarr.open_group(str(path), mode="w", attributes=attrs)
-    group.create_array("example_ids", data=np.asarray(example_ids, dtype=np.int64))
-    group.create_array("query_ids", data=np.arange(shape[0], dtype=np.int64))
+    require_writable(path, "a score array", with_parent=path.exists())
+    group = zarr.open_group(str(path), mode="w", attributes={**attrs, "complete": False})
+    create_checked_array(group, "example_ids", data=np.asarray(example_ids, dtype=np.int64))
+    create_checked_array(group, "query_ids", data=np.arange(shape[0], dtype=np.int64))
     chunks = (shape[0], max(1, min(chunk_cols, shape[1])))
-    return group.create_array(
-        "scores", shape=shape, dtype="float32", chunks=chunks, compressors=None, fill_value=0.0
+    return create_checked_array(
+        group, "scores", shape=shape, dtype="float32", chunks=chunks, fill_value=0.0
     )
 
 
@@ -130,6 +132,7 @@ def write_score_array(
         scores, ids = attributor.scores(queries, modules=modules)
         array = _create(path, (out_q, len(ids)), ids, attrs, len(ids), overwrite)
         array[:, :] = reduce_queries(scores, query_reduce).float().numpy()
+        mark_complete(zarr.open_group(str(path), mode="r+"))
         return path
     ids = attributor.store.example_ids
     scan = attributor.chunk_rows
@@ -142,4 +145,5 @@ def write_score_array(
 
     attributor._scan(queries, modules, consume)
     writer.flush()
+    mark_complete(zarr.open_group(str(path), mode="r+"))
     return path

@@ -39,6 +39,7 @@ from .schema import (
     CHECKSUM_SCHEMA,
     COLUMNS,
     OPTIONAL_COLUMNS,
+    GradientStoreWriteError,
     StoreIntegrityError,
     _open_root_attrs,
     _read_attrs,
@@ -356,7 +357,11 @@ def verify_main(argv: list[str] | None = None) -> None:
     if report.ok:
         return
     if args.truncate:
-        keep = truncate_damaged(report)
+        try:
+            keep = truncate_damaged(report)
+        except GradientStoreWriteError as err:  # e.g. a read-only copy: nothing was changed
+            print(f"error: {err}", file=sys.stderr)
+            raise SystemExit(1) from None
         for rank, rows in keep.items():
             print(f"rank {rank}: truncated to its first {rows} rows")
         if verify_store(args.store, progress=False).ok:

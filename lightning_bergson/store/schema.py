@@ -7,6 +7,7 @@ import functools
 import importlib.metadata
 import json
 import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,37 @@ class StoreIntegrityError(RuntimeError):
 
 class IncompleteStoreWarning(UserWarning):
     """The store was opened before every rank closed it; only committed rows are exposed."""
+
+
+def require_writable(
+    path: str | Path, what: str = "a gradient store", *, with_parent: bool = False
+) -> None:
+    """Raise before anything is changed when ``path`` cannot be written as a whole.
+
+    A new path needs its nearest existing parent writable; an existing one needs every
+    directory under it writable (and, with ``with_parent``, its parent, which a
+    replacement removes it from and whose ``zarr.json`` a resume rewrites): Zarr replaces
+    files by renaming into their directory, and removing or truncating deletes entries.
+    Checking first keeps a half-replaced or half-deleted store from ever happening on a
+    read-only copy or mount.
+    """
+    path = Path(path)
+    if not path.exists():
+        parent = path.parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        blocked = [] if os.access(parent, os.W_OK | os.X_OK) else [parent]
+    else:
+        dirs = [path.parent] if with_parent or not path.is_dir() else []
+        dirs += [Path(d) for d, _, _ in os.walk(path)] if path.is_dir() else []
+        blocked = [d for d in dirs if not os.access(d, os.W_OK | os.X_OK)]
+    if blocked:
+        more = f" and {len(blocked) - 1} more" if len(blocked) > 1 else ""
+        raise GradientStoreWriteError(
+            f"Cannot write {what} at {path}: {blocked[0]}{more} is read-only (nothing was "
+            "changed). Make it writable (chmod -R u+w), or copy it to a writable location "
+            "and use that path."
+        )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,6 +27,7 @@ from .schema import (
     _open_root_attrs,
     _read_attrs,
     _root_attrs,
+    require_writable,
 )
 
 __all__ = ["GradientStoreWriter", "default_chunk_rows"]
@@ -226,8 +227,10 @@ class GradientStoreWriter:
                 f"A gradient store already exists at {p}; "
                 "pass overwrite=True to replace it or choose another path."
             )
+        target = p if self.rank == 0 else group
+        require_writable(target, with_parent=exists)
         if exists:
-            shutil.rmtree(p if self.rank == 0 else group)
+            shutil.rmtree(target)
         if self.rank > 0 and root.exists():
             attrs = _open_root_attrs(p)
             mine = (self.dim, self.dtype.name, self.chunk_rows, self.world_size)
@@ -285,6 +288,8 @@ class GradientStoreWriter:
         self = cls.__new__(cls)
         ws, chunk_rows = attrs["world_size"], attrs["chunk_rows"]
         self._setup(path, modules, attrs["dtype"], rank, ws, chunk_rows, max_pending_chunks)
+        # the rank group and the root (rank 0 rewrites its zarr.json), before anything changes
+        require_writable(self.path / f"rank_{rank}", with_parent=True)
         self._open_rank_group(committed_rows)
         if rank == 0:
             zarr.open_group(str(self.path), mode="r+").attrs.update({"complete": False})
