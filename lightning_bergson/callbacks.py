@@ -31,6 +31,7 @@ from .capture.observer import ScaleObserver
 from .capture.scaling import BATCH_REDUCTIONS
 from .capture.settings import CaptureSettings
 from .store import GradientStoreWriter, layout_blocks
+from .strategy import BergsonStrategyMixin as _registers_strategy_names  # noqa: F401
 
 __all__ = ["GradientCaptureCallback", "NonFiniteGradientError", "capture_example_loss"]
 

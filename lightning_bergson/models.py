@@ -6,6 +6,7 @@ Run: ``python -m lightning_bergson fit --config configs/quickstart.yaml``
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as L
@@ -16,6 +17,23 @@ from typing_extensions import override
 from .losses import batch_losses, causal_lm_losses
 
 __all__ = ["CausalLMModule", "batch_losses", "causal_lm_losses"]  # losses re-exported
+
+
+def check_model_source(source: str | Path, flag: str = "model") -> None:
+    """Raise ``FileNotFoundError`` for a local-looking path that does not exist.
+
+    Hugging Face names are ``name`` or ``org/name``; anything absolute, relative
+    (``./``, ``../``, ``~``) or deeper is a path, and a missing one would otherwise reach
+    the Hub and fail with an unrelated "Repo id must use alphanumeric chars" error.
+    """
+    text = str(source)
+    local = text.startswith(("/", ".", "~")) or text.count("/") > 1 or "\\" in text
+    if local and not Path(text).expanduser().exists():
+        raise FileNotFoundError(
+            f"{flag}={text}: no such file or directory. Pass a Lightning checkpoint, a "
+            "directory holding one, a save_pretrained directory or a Hugging Face model name "
+            "(org/name)."
+        )
 
 
 def _build_network(
@@ -30,6 +48,7 @@ def _build_network(
     if isinstance(model, nn.Module):
         return model
     if model is not None:
+        check_model_source(model)
         net = AutoModelForCausalLM.from_pretrained(model, attn_implementation=attn_implementation)
         if vocab_size is not None and net.get_input_embeddings().num_embeddings != vocab_size:
             net.resize_token_embeddings(vocab_size)

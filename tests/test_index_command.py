@@ -19,9 +19,9 @@ from recipes import assert_store_matches
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM
 
 from lightning_bergson import GradientStore
-from lightning_bergson.attribution.index_command import build_parser, index_config, resolve_config
 from lightning_bergson.capture import DEFAULT_EXCLUDE, select_modules
 from lightning_bergson.cli import main
+from lightning_bergson.cli.index import build_parser, index_config, resolve_config
 from lightning_bergson.data import train_tokenizer
 
 TEXTS = [
@@ -164,11 +164,13 @@ def test_reward_column_weights_rows_by_the_group_advantage(tmp_path, model_dir):
         assert abs(sum(stored[i] for i in range(6) if prompts[i] == p)) < 1e-6
 
 
-def test_too_long_document_is_an_error_naming_both_flags(tmp_path, model_dir):
+def test_too_long_document_is_an_error_naming_both_flags(tmp_path, model_dir, capsys):
     data = _saved(tmp_path, {"text": [" ".join(TEXTS * 3)]})
-    with pytest.raises(ValueError, match="truncation") as err:
+    with pytest.raises(SystemExit) as exit_:
         _run(tmp_path, model_dir, data, "--max_length", "16")
-    assert "max_length" in str(err.value)
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_.value.code == 2 and err.startswith("python -m lightning_bergson index: error:")
+    assert "truncation" in err and "max_length" in err
     store = _run(tmp_path, model_dir, data, "--max_length", "16", "--truncation", "--overwrite")
     assert GradientStore.open(store).num_rows == 1
 

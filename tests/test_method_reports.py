@@ -13,7 +13,7 @@ from test_ekfac_influence import _micro, _rows
 from torch.utils.data import DataLoader
 
 from lightning_bergson import EkfacModule
-from lightning_bergson.attribution.commands import report
+from lightning_bergson.cli.report import report
 from lightning_bergson.ekfac import top_influences
 from lightning_bergson.scores import write_scores
 

@@ -18,6 +18,7 @@ import torch
 
 from lightning_bergson.attribution import Attributor
 from lightning_bergson.attribution.reading import iter_rows
+from lightning_bergson.cli.verify import verify_main
 from lightning_bergson.store import (
     GradientStore,
     GradientStoreWriter,
@@ -25,7 +26,6 @@ from lightning_bergson.store import (
     layout_blocks,
     verify_store,
 )
-from lightning_bergson.store.integrity import verify_main
 
 BLOCKS = layout_blocks([("a", (2, 3), "a", None), ("b", (1, 4), "b", None)])
 DIM = 10
@@ -374,7 +374,7 @@ def test_verify_truncate_on_a_read_only_copy_is_an_error(pristine, tmp_path):
     finally:
         for d in locked:
             d.chmod(0o755)
-    assert run.returncode == 1
+    assert run.returncode == 2
     assert "rank_0/gradients chunk 2 (rows 16-23" in run.stdout
     assert f"error: Cannot write a gradient store at {path / 'rank_0'}" in run.stderr
     assert "Traceback" not in run.stderr

@@ -9,12 +9,23 @@
 * :class:`IndexModule` builds a store post hoc from a trained model (``index`` command).
 """
 
-from .attributor import Attributor, SearchResult, TraceResult
-from .compat import StoreMismatchError, capture_settings, check_model
-from .index import IndexModule
-from .preconditioners import Preconditioner
-from .queries import query_batch
+from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+from .._lazy import lazy_exports
+
+_EXPORTS = {
+    "Attributor": ".attributor",
+    "IndexModule": ".index",
+    "Preconditioner": ".preconditioners",
+    "SearchResult": ".attributor",
+    "StoreMismatchError": ".compat",
+    "TraceResult": ".attributor",
+    "capture_settings": ".compat",
+    "check_model": ".compat",
+    "query_batch": ".queries",
+}
 __all__ = [
     "Attributor",
     "IndexModule",
@@ -26,3 +37,11 @@ __all__ = [
     "check_model",
     "query_batch",
 ]
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
+
+if TYPE_CHECKING:
+    from .attributor import Attributor, SearchResult, TraceResult
+    from .compat import StoreMismatchError, capture_settings, check_model
+    from .index import IndexModule
+    from .preconditioners import Preconditioner
+    from .queries import query_batch

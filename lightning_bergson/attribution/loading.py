@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..data import TextDataModule
+from ..models import check_model_source
 
 __all__ = ["find_checkpoint", "is_pretrained_source", "load_model", "load_text_data"]
 
@@ -68,6 +69,7 @@ def load_model(
         ``(LightningModule or Hugging Face model in eval mode, data hparams or None)``.
     """
     path = Path(source)
+    check_model_source(source)
     if is_pretrained_source(source):
         from transformers import AutoModelForCausalLM
 

@@ -39,7 +39,6 @@ from .schema import (
     CHECKSUM_SCHEMA,
     COLUMNS,
     OPTIONAL_COLUMNS,
-    GradientStoreWriteError,
     StoreIntegrityError,
     _open_root_attrs,
     _read_attrs,
@@ -326,45 +325,3 @@ def truncate_damaged(report: VerifyReport) -> dict[int, int]:
         )
         writer.close(complete=True)
     return keep
-
-
-def verify_main(argv: list[str] | None = None) -> None:
-    """``python -m lightning_bergson verify STORE [--truncate]``; exits 1 on damage."""
-    import argparse
-    import sys
-
-    parser = argparse.ArgumentParser(
-        prog="python -m lightning_bergson verify",
-        description="Read every chunk of a gradient store once and report damaged row ranges "
-        "per rank (missing chunks, checksum mismatches, cut chunks). Exits 1 when any chunk "
-        "is damaged, 0 otherwise.",
-    )
-    parser.add_argument("store", help="path of the gradient store (a *.zarr directory)")
-    parser.add_argument(
-        "--truncate",
-        action="store_true",
-        help="drop each damaged rank's rows from its first damaged chunk on (the store "
-        "stays valid; a capture resumed from an earlier checkpoint appends them again)",
-    )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        report = verify_store(args.store, progress=not args.no_progress)
-    except (FileNotFoundError, ValueError, StoreIntegrityError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(1) from None
-    print(report.summary())
-    if report.ok:
-        return
-    if args.truncate:
-        try:
-            keep = truncate_damaged(report)
-        except GradientStoreWriteError as err:  # e.g. a read-only copy: nothing was changed
-            print(f"error: {err}", file=sys.stderr)
-            raise SystemExit(1) from None
-        for rank, rows in keep.items():
-            print(f"rank {rank}: truncated to its first {rows} rows")
-        if verify_store(args.store, progress=False).ok:
-            print("the store now verifies")
-            return
-    raise SystemExit(1)

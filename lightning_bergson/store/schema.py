@@ -73,6 +73,11 @@ def require_writable(
         parent = path.parent
         while not parent.exists() and parent != parent.parent:
             parent = parent.parent
+        if not parent.is_dir():
+            raise GradientStoreWriteError(
+                f"Cannot write {what} at {path}: {parent} is a file, not a directory. "
+                "Choose a writable path."
+            )
         blocked = [] if os.access(parent, os.W_OK | os.X_OK) else [parent]
     else:
         dirs = [path.parent] if with_parent or not path.is_dir() else []

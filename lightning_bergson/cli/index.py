@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -218,19 +217,21 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
 
 def index_main(argv: list[str]) -> None:
     """``python -m lightning_bergson index [flags] [fit options]``: see the module docs."""
-    from ..cli import main
+    from .lightning import run_lightning
 
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
+    if args.model is not None:
+        from ..models import check_model_source
+
+        check_model_source(args.model, "--model")
     cfg = resolve_config(args)
     root = Path(cfg.get("trainer", {}).get("default_root_dir") or ".")
     root.mkdir(parents=True, exist_ok=True)
     resolved = root / "index_config.yaml"
     resolved.write_text(yaml.safe_dump(cfg, sort_keys=False))
     _print_plan(cfg, resolved)
-    with warnings.catch_warnings():  # argv was already taken apart by the dispatcher
-        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-        main(["fit", "--config", str(resolved), *rest])
+    run_lightning(["fit", "--config", str(resolved), *rest])
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -270,13 +271,13 @@ def _dataset_args(dataset: str) -> dict[str, Any]:
 
 def _model_tokenizer(model: str, trainer: dict[str, Any]) -> str:
     """The tokenizer of ``--model``: its own (save_pretrained dir, Hub name) or its run's."""
-    from .loading import find_checkpoint, is_pretrained_source
+    from ..attribution.loading import find_checkpoint, is_pretrained_source
 
     if is_pretrained_source(model):
         return model
     import torch
 
-    from .loading import load_text_data
+    from ..attribution.loading import load_text_data
 
     ckpt = torch.load(find_checkpoint(model), map_location="cpu", weights_only=True)
     data = load_text_data(ckpt.get("datamodule_hyper_parameters"))
@@ -294,7 +295,7 @@ def _model_max_length(model: Any) -> int | None:
     """``max_position_embeddings`` (or ``n_positions``) of a pretrained model's config."""
     if not isinstance(model, str):
         return None
-    from .loading import is_pretrained_source
+    from ..attribution.loading import is_pretrained_source
 
     if not is_pretrained_source(model):
         return None
