@@ -162,3 +162,27 @@ def tiny_gpt2(seed: int = 0, vocab_size: int = 97):
         attn_implementation="eager",
     )
     return GPT2LMHeadModel(cfg)
+
+
+# Small enough for dense (E)K-FAC blocks in the brute-force oracle (largest block 24 x 9).
+MICRO = {
+    "model_type": "gpt_neox",
+    "vocab_size": 97,
+    "hidden_size": 8,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 16,
+    "max_position_embeddings": 32,
+}
+
+
+def micro_gpt_neox(dtype: torch.dtype = torch.float64) -> nn.Module:
+    """A GPT-NeoX small enough for dense (E)K-FAC blocks in brute-force oracles."""
+    from lightning_bergson import CausalLMModule
+
+    return CausalLMModule(config=MICRO).model.to(dtype)
+
+
+def batch_rows(batch: dict[str, Tensor]) -> list[dict[str, Tensor]]:
+    """A dict batch as a list of per-example dicts (a dataset a DataLoader re-collates)."""
+    return [{k: v[i] for k, v in batch.items()} for i in range(len(batch["input_ids"]))]

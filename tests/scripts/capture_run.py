@@ -1,5 +1,5 @@
 """One capture fit, run as a script so Lightning can launch DDP/FSDP2 ranks and so a test
-can SIGKILL it. Used by tests/test_distributed.py and tests/test_resume.py.
+can SIGKILL it. Used by tests/capture/test_distributed.py and tests/capture/test_resume.py.
 
     python tests/scripts/capture_run.py --out DIR [--devices 2 --strategy bergson_ddp] ...
 """

@@ -1,4 +1,6 @@
-"""EK-FAC factor fits run as a script, so Lightning can launch DDP ranks (tests/test_ekfac_ddp.py).
+"""EK-FAC factor fits run as a script, so Lightning can launch DDP ranks.
+
+Used by tests/ekfac/test_factors_ddp.py:
 
     python tests/scripts/ekfac_fit.py --out DIR [--devices 2]
 

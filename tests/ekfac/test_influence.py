@@ -6,7 +6,8 @@ import lightning.pytorch as L
 import pytest
 import torch
 import yaml
-from oracles import lm_batch, module_grad, oracle_lm_grads
+from oracles import MICRO, lm_batch, micro_gpt_neox, module_grad, oracle_lm_grads
+from oracles import batch_rows as _rows
 from torch.utils.data import DataLoader
 
 from lightning_bergson import CausalLMModule, EkfacModule, GradientCaptureCallback, TextDataModule
@@ -15,25 +16,7 @@ from lightning_bergson.ekfac import EkfacFactors, top_influences
 from lightning_bergson.scores import ScoreArray
 
 SEQ = 10
-ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
-# Small enough for dense (E)K-FAC blocks in the brute-force oracle (largest block 24 x 9).
-MICRO = {
-    "model_type": "gpt_neox",
-    "vocab_size": 97,
-    "hidden_size": 8,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "intermediate_size": 16,
-    "max_position_embeddings": 32,
-}
-
-
-def _micro(dtype: torch.dtype = torch.float64):
-    return CausalLMModule(config=MICRO).model.to(dtype)
-
-
-def _rows(batch):
-    return [{k: v[i] for k, v in batch.items()} for i in range(len(batch["input_ids"]))]
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[2]
 
 
 def _trainer(**kw) -> L.Trainer:
@@ -50,7 +33,7 @@ def _trainer(**kw) -> L.Trainer:
 
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory):
-    model = _micro()
+    model = micro_gpt_neox()
     train, queries = lm_batch(10, SEQ, seed=1), lm_batch(3, SEQ, seed=2)
     ek = EkfacModule(model, factors_dir=str(tmp_path_factory.mktemp("ek")), factor_dtype="float64")
     loader = DataLoader(_rows(train), batch_size=5)
@@ -153,13 +136,13 @@ def test_store_gradients_checkpoint_and_projected_store(tmp_path):
 def test_resume_from_a_phase_checkpoint(fitted, tmp_path):
     ek_ref, train, _ = fitted
     loader = DataLoader(_rows(train), batch_size=5)
-    ek = EkfacModule(_micro(), factors_dir=str(tmp_path / "f"), factor_dtype="float64")
+    ek = EkfacModule(micro_gpt_neox(), factors_dir=str(tmp_path / "f"), factor_dtype="float64")
     trainer = _trainer(max_epochs=1)
     with pytest.warns(UserWarning, match="stopped after 1 of 2 phases"):
         trainer.fit(ek, loader)
     trainer.save_checkpoint(tmp_path / "phase1.ckpt")
     assert ek.phase == "eigenvalue_correction"
-    ek2 = EkfacModule(_micro(), factors_dir=str(tmp_path / "f"), factor_dtype="float64")
+    ek2 = EkfacModule(micro_gpt_neox(), factors_dir=str(tmp_path / "f"), factor_dtype="float64")
     _trainer(max_epochs=ek2.num_phases).fit(ek2, loader, ckpt_path=tmp_path / "phase1.ckpt")
     got = EkfacFactors.load(tmp_path / "f").modules
     ref = EkfacFactors.load(ek_ref.factors_dir).modules

@@ -14,7 +14,7 @@ import pytest
 import lightning_bergson
 from lightning_bergson.cli import COMMANDS, main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "lightning_bergson"
 PROG = "python -m lightning_bergson"
 

@@ -13,7 +13,7 @@ import yaml
 from lightning_bergson import GradientStore
 from lightning_bergson.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _small_quickstart(tmp_path: Path) -> Path:

@@ -8,8 +8,9 @@ import re
 import lightning.pytorch as L
 import numpy as np
 import torch
+from oracles import batch_rows as _rows
 from oracles import lm_batch
-from test_ekfac_influence import _micro, _rows
+from oracles import micro_gpt_neox as _micro
 from torch.utils.data import DataLoader
 
 from lightning_bergson import EkfacModule

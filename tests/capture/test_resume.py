@@ -20,7 +20,7 @@ import lightning_bergson.store.writer as writer_mod
 from lightning_bergson import CausalLMModule, GradientCaptureCallback, GradientStore
 from lightning_bergson.store import GradientStoreWriteError, IncompleteStoreWarning, verify_store
 
-SCRIPT = Path(__file__).parent / "scripts" / "capture_run.py"
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "capture_run.py"
 # 16 examples, micro-batches of 2, 2 per optimizer step: 4 steps per epoch, 2 epochs.
 ARGS = [
     "--num",
@@ -151,7 +151,10 @@ def test_fault_then_resume_equals_uninterrupted(tmp_path, uninterrupted_chunked,
 @pytest.mark.skipif(not os.environ.get("LB_FAULT_LONG"), reason="set LB_FAULT_LONG=1 (about 8 min)")
 @pytest.mark.parametrize(("seed", "kind", "extra"), _faults(list(range(100, 120))))
 def test_fault_suite_long(tmp_path, uninterrupted_chunked, seed, kind, extra):
-    """The long variant: 20 seeded moments (``LB_FAULT_LONG=1 pytest tests/test_resume.py``)."""
+    """The long variant: 20 seeded moments.
+
+    ``LB_FAULT_LONG=1 python -m pytest tests/capture/test_resume.py``
+    """
     _run_fault(tmp_path, uninterrupted_chunked, seed, kind, extra)
 
 

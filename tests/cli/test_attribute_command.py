@@ -15,7 +15,7 @@ from lightning_bergson.attribution.loading import load_model, load_text_data
 from lightning_bergson.cli import main
 from lightning_bergson.scores import ScoreArray
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from lightning_bergson import GradientStore
 
-SCRIPT = Path(__file__).parent / "scripts" / "capture_run.py"
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "capture_run.py"
 sys.path.insert(0, str(SCRIPT.parent))
 import capture_run  # noqa: E402
 

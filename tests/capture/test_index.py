@@ -17,7 +17,7 @@ from lightning_bergson.attribution import Attributor, query_batch
 from lightning_bergson.attribution.index import IndexModule
 from lightning_bergson.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 QKV = "gpt_neox.layers.0.attention.query_key_value"
 
 

@@ -21,7 +21,7 @@ from lightning_bergson.magic.lds import (
 )
 from lightning_bergson.scores import ScoreArray
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_spearman_matches_the_closed_form_and_scipy_with_ties():

@@ -13,7 +13,7 @@ import torch
 from lightning_bergson.ekfac import EkfacFactors
 from lightning_bergson.ekfac.storage import read_factor
 
-SCRIPT = Path(__file__).resolve().parent / "scripts" / "ekfac_fit.py"
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "ekfac_fit.py"
 
 
 def _script():
