@@ -73,7 +73,9 @@ def run(args: argparse.Namespace, capture_dir: Path | None) -> tuple[float, floa
             )
     torch.manual_seed(0)
     trainer = L.Trainer(
-        accelerator="cpu",
+        accelerator=args.accelerator,
+        devices=1,
+        precision=args.precision,
         max_epochs=1,
         callbacks=callbacks,
         logger=False,
@@ -113,6 +115,8 @@ def main() -> None:
         action="store_true",
         help="32 steps of hidden 128, 2 layers, sequence 64, batch 8, callback defaults",
     )
+    parser.add_argument("--accelerator", default="cpu", help="cpu (default) or gpu")
+    parser.add_argument("--precision", default="32-true", help="e.g. 32-true, bf16-mixed")
     args = parser.parse_args()
     if args.short:
         args.hidden, args.layers, args.seq_len, args.batch_size, args.steps = 128, 2, 64, 8, 32
@@ -138,7 +142,7 @@ def main() -> None:
         mb = len(store) * store.dim * store.dtype.itemsize / 2**20
         print(
             f"model: GPT-NeoX hidden={args.hidden} layers={args.layers} seq={args.seq_len} "
-            f"batch={args.batch_size} steps={args.steps}; "
+            f"batch={args.batch_size} steps={args.steps} {args.accelerator} {args.precision}; "
             + (
                 "callback defaults (projection 16, no normalizer)"
                 if args.short

@@ -110,6 +110,14 @@ def test_fp16_mixed_divides_out_the_loss_scale(tmp_path):  # pragma: no cover - 
         assert ((got[key] - row).norm() / row.norm()).item() < 0.05, key
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_gpu_rows_equal_cpu_rows(tmp_path, single):  # pragma: no cover - GPU only
+    """Hooks, projections (generated on CPU) and the writer give the same rows on CUDA."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    store = run(tmp_path / "gpu", "--batch-size", "4", "--accelerator", "gpu")
+    assert_same_rows(rows_by_key(store), rows_by_key(single), rtol=1e-4)
+
+
 def test_strategies_are_registered():
     import lightning.pytorch as L
 
