@@ -52,8 +52,30 @@ def make_module(args: argparse.Namespace) -> CausalLMModule:
     return CausalLMModule(config=config, lr=1e-3, seed=0)
 
 
-def run(args: argparse.Namespace, capture_dir: Path | None) -> tuple[float, float]:
-    """``(wall s, CPU s of this process)`` of one ``fit``."""
+class StepClock(L.Callback):
+    """Seconds per step in the steady state: from the start of step ``first`` to the end of
+    the last step (device synchronized at both ends), so the fixed costs of a fit (store
+    creation, the writer's close, teardown) are left out."""
+
+    def __init__(self, first: int, last: int) -> None:
+        self.first, self.last, self.start, self.per_step = first, last, 0.0, float("nan")
+
+    def _now(self) -> float:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == self.first:
+            self.start = self._now()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx == self.last:
+            self.per_step = (self._now() - self.start) / (self.last + 1 - self.first)
+
+
+def run(args: argparse.Namespace, capture_dir: Path | None) -> tuple[float, float, float]:
+    """``(wall s, CPU s of this process, steady-state s per step)`` of one ``fit``."""
     callbacks = []
     if capture_dir is not None:
         head = 3 * args.hidden // args.heads
@@ -71,6 +93,8 @@ def run(args: argparse.Namespace, capture_dir: Path | None) -> tuple[float, floa
                     overwrite=True,
                 )
             )
+    clock = StepClock(args.steps // 4, args.steps - 1)  # last: after the capture callback's
+    callbacks.append(clock)
     torch.manual_seed(0)
     trainer = L.Trainer(
         accelerator=args.accelerator,
@@ -86,7 +110,7 @@ def run(args: argparse.Namespace, capture_dir: Path | None) -> tuple[float, floa
     module, loader = make_module(args), make_loader(args)
     start, cpu = time.perf_counter(), time.process_time()
     trainer.fit(module, loader)
-    return time.perf_counter() - start, time.process_time() - cpu
+    return time.perf_counter() - start, time.process_time() - cpu, clock.per_step
 
 
 def main() -> None:
@@ -125,17 +149,19 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp())
     try:
-        run(args, None)  # warm-up: imports, allocator, kernels
-        plain, capture, cpu_plain, cpu_cap = [], [], [], []
-        sides = [(plain, cpu_plain, None), (capture, cpu_cap, tmp)]
+        run(args, None)  # warm-up: imports, allocator, kernels (both sides)
+        run(args, tmp)
+        plain, capture, cpu_plain, cpu_cap, step_plain, step_cap = [], [], [], [], [], []
+        sides = [(plain, cpu_plain, step_plain, None), (capture, cpu_cap, step_cap, tmp)]
         for i in range(args.repeats):
             # ABBA order: whichever side runs second in a pair (after the other's teardown)
             # alternates, so an order effect cancels instead of biasing the ratio.
-            for times, cpus, where in sides if i % 2 == 0 else sides[::-1]:
+            for times, cpus, steps, where in sides if i % 2 == 0 else sides[::-1]:
                 gc.collect()
-                wall, cpu = run(args, where)
+                wall, cpu, per_step = run(args, where)
                 times.append(wall)
                 cpus.append(cpu)
+                steps.append(per_step)
         store = GradientStore.open(tmp / "grads.zarr")
         t_plain, t_cap = statistics.median(plain), statistics.median(capture)
         c_plain, c_cap = statistics.median(cpu_plain), statistics.median(cpu_cap)
@@ -158,6 +184,12 @@ def main() -> None:
         print(
             f"CPU time ratio  {cpu_pairs:.3f}  (process CPU seconds, per pair; medians "
             f"{c_plain:.2f} / {c_cap:.2f})"
+        )
+        steady = statistics.median(c / p for c, p in zip(step_cap, step_plain, strict=True))
+        print(
+            f"per-step ratio  {steady:.3f}  (steady state, steps {args.steps // 4}-"
+            f"{args.steps - 1}, per pair; medians {statistics.median(step_plain) * 1e3:.1f} / "
+            f"{statistics.median(step_cap) * 1e3:.1f} ms per step)"
         )
         print(
             f"written         {len(store)} rows x {store.dim} ({store.dtype}), "

@@ -415,15 +415,16 @@ class GradientCaptureCallback(Callback):
                 part = like.new_zeros(batch, math.prod(block.shape))
             parts.append(part.detach())
         grads = torch.cat(parts, dim=1)  # (B, D), in the rows' dtype (float64 stays exact)
-        grads = grads.mul_(info.scale.to(grads)[:, None]).to("cpu", torch.float32)
+        grads = grads.mul_(info.scale.to(grads)[:, None])  # stays on its device: the writer
+        # casts to the store's dtype there and copies only what is stored to the host.
         # A finite row sum means a finite row (NaN and inf propagate); only a row whose sum
         # is not finite (or overflowed) needs the elementwise test.
-        finite = torch.isfinite(grads.sum(dim=1))
+        finite = torch.isfinite(grads.sum(dim=1)).cpu()
         if not bool(finite.all()):
-            finite = torch.isfinite(grads).all(dim=1)
+            finite = torch.isfinite(grads).all(dim=1).cpu()
         ids, loss, advantage = info.example_id, info.loss, info.advantage
         if not bool(finite.all()):
-            bad = ids[~finite].tolist()
+            bad = ids[~finite.to(ids.device)].tolist()
             if self.on_nonfinite == "raise":
                 raise NonFiniteGradientError(
                     f"non-finite gradients for example ids {bad[:10]} at step {info.step} "
@@ -435,10 +436,10 @@ class GradientCaptureCallback(Callback):
             self._nonfinite += bad
             if self.on_nonfinite == "skip":
                 self.writer.record_skipped(bad, info.step, info.epoch)
-                keep = finite
-                grads, ids, finite = grads[keep], ids[keep], finite[keep]
-                loss = None if loss is None else loss[keep]
-                advantage = None if advantage is None else advantage[keep]
+                grads, ids, loss, advantage, finite = (
+                    None if x is None else x[finite.to(x.device)]
+                    for x in (grads, ids, loss, advantage, finite)
+                )
                 batch = len(ids)
                 if batch == 0:
                     return

@@ -45,6 +45,7 @@ import torch
 from torch import Tensor, nn
 
 from .conv import CONV_TYPES, grouped_gradient, grouped_projection, output_gradient, patches
+from .grouped import stacked_rows, stacked_scales
 from .heads import HeadConfig
 from .normalizers import AdafactorNormalizer, AdamNormalizer, Normalizer
 from .projection import ProjectionCache
@@ -155,6 +156,10 @@ class GradientCollector:
         leaf_outputs: When a tracked layer's output does not require grad (frozen weights
             and nothing upstream requiring grad), replace it by a copy that does, so its
             row is still captured (see the module docs).
+        stack_layers: Process deferred layers of equal shapes together with batched
+            matmuls (:mod:`.grouped`; same math, rounding may differ in the last bits).
+            ``None`` (default): on accelerators, where per-layer kernel launches dominate;
+            on a CPU the per-layer path is as fast and needs no stacked copies.
 
     Example:
         >>> model = torch.nn.Sequential(torch.nn.Linear(6, 4))
@@ -179,6 +184,7 @@ class GradientCollector:
         closure: Closure | None = None,
         defer: bool = False,
         leaf_outputs: bool = True,
+        stack_layers: bool | None = None,
     ) -> None:
         if projection_dim < 0:
             raise ValueError(f"projection_dim must be >= 0 (0 = exact), got {projection_dim}")
@@ -206,6 +212,7 @@ class GradientCollector:
         self.closure = closure
         self.defer = defer
         self.leaf_outputs = leaf_outputs
+        self.stack_layers = stack_layers
         self.enabled = True
         self.gradients: dict[str, Tensor] = {}
         self._pending: list[tuple[str, Tensor, Tensor]] = []
@@ -295,11 +302,59 @@ class GradientCollector:
 
     def process_pending(self, pending: list[tuple[str, Tensor, Tensor]] | None = None) -> None:
         """Process deferred triples (default: the ones held) with the current normalizers."""
-        for name, a, g in self.take_pending() if pending is None else pending:
-            self._emit(name, a, g)
+        pending = self.take_pending() if pending is None else pending
+        for group in self._stacks(pending):
+            if len(group) == 1:
+                self._emit(*group[0])
+                continue
+            rows = self._stacked_rows(group)  # (L, B, p * p)
+            for (name, _, _), row in zip(group, rows, strict=True):
+                self._deliver(name, [row])
+
+    def _stacks(self, pending: list[tuple[str, Tensor, Tensor]]) -> list[list]:
+        """``pending`` split into groups that :meth:`_stacked_rows` can take together."""
+        groups: dict[tuple, list] = {}
+        sizes: dict[tuple, int] = {}
+        for item in pending:
+            key = self._stack_key(*item)
+            if key is not None:  # cap a stack's float32 copies at 512 MiB
+                numel = item[1].numel() + item[2].numel()
+                sizes[key] = sizes.get(key, 0) + numel
+                key = (*key, sizes[key] // (2**27))
+            groups.setdefault(key if key is not None else (id(item),), []).append(item)
+        return list(groups.values())
+
+    def _stack_key(self, name: str, a: Tensor, g: Tensor) -> tuple | None:
+        """What must be equal for layers to be stacked; ``None``: process this one alone."""
+        plan, norm = self.plans[name], self.normalizers.get(name)
+        stack = self.stack_layers if self.stack_layers is not None else g.device.type != "cpu"
+        plain = plan.conv is None and plan.num_heads == 1 and plan.perm is None
+        if not (stack and plain and self.projection_dim and not isinstance(a, _Projected)):
+            return None
+        if norm is not None and not isinstance(norm, AdafactorNormalizer):
+            return None
+        shapes = (tuple(a.shape), tuple(g.shape), a.dtype, g.dtype, g.device)
+        return (plan.out_f, plan.in_f, plan.bias, norm is None, *shapes)
+
+    def _stacked_rows(self, group: list[tuple[str, Tensor, Tensor]]) -> Tensor:
+        """Rows ``[L, B, p * p]`` of a group from :meth:`_stacks`."""
+        names = [name for name, _, _ in group]
+        plan, (_, a, g) = self.plans[names[0]], group[0]
+        dtype = torch.float64 if torch.float64 in (a.dtype, g.dtype) else torch.float32
+        lefts = self.projections.get(names, "left", plan.out_f, dtype, g.device)  # (L, p, O)
+        rights = self.projections.get(names, "right", plan.in_f, dtype, g.device)  # (L, p, I)
+        scales = None
+        if names[0] in self.normalizers:
+            norms = [self.normalizers[n] for n in names]
+            scales = stacked_scales(norms, dtype, g.device)  # type: ignore[arg-type]
+        a_all, g_all = [x for _, x, _ in group], [x for _, _, x in group]
+        return stacked_rows(a_all, g_all, lefts, rights, bias=plan.bias, scales=scales)
 
     def _emit(self, name: str, a: Tensor, g: Tensor) -> None:
-        rows = self.compute_rows(name, a, g)
+        self._deliver(name, self.compute_rows(name, a, g))
+
+    def _deliver(self, name: str, rows: list[Tensor]) -> None:
+        """Hand each block's rows to the closure, or add them to :attr:`gradients`."""
         for block, row in zip(self.plans[name].blocks, rows, strict=True):
             if self.closure is not None:
                 self.closure(block.name, row)

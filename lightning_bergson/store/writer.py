@@ -54,13 +54,17 @@ def _prepare_gradients(
             f"gradients must have shape [B, {dim}] (the store's row width D={dim},"
             f" the sum of module block sizes); got {tuple(x.shape)}"
         )
+    if isinstance(x, torch.Tensor) and x.device.type != "cpu":
+        # On the accelerator: the test, clamp and cast run there and only the stored
+        # bytes cross to the host (half of them for a float16 store).
+        if finite is None:
+            finite = torch.isfinite(x).all(dim=1)
+        x = x.clamp(-big, big).to(getattr(torch, dtype.name)).cpu().numpy()  # new array
+        return x, _column(finite, len(x), "bool", "finite")
+    if isinstance(x, torch.Tensor):  # numpy from here: no intra-op threads for a few rows
+        x = x.numpy()
     if finite is not None:
         finite = _column(finite, len(x), "bool", "finite")
-    if isinstance(x, torch.Tensor):
-        if finite is None:
-            finite = torch.isfinite(x).all(dim=1).cpu().numpy()
-        rows = x.clamp(-big, big).to(getattr(torch, dtype.name)).cpu().numpy()  # new tensor
-        return rows, finite
     if finite is None:
         finite = np.isfinite(x).all(axis=1)
     return np.clip(x, -big, big).astype(dtype), finite  # NaN stays NaN

@@ -306,6 +306,47 @@ def test_deferred_processing_uses_later_normalizers(model, batch):
     torch.testing.assert_close(got[MLP], direct[MLP])
 
 
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("normalized", [False, True])
+def test_stacked_layers_equal_explicit_projection(
+    model, batch, oracle, monkeypatch, bias, normalized
+):
+    """Deferred layers of equal shapes processed together (``stack_layers``) give each
+    layer's ``L diag(r) G_i diag(c) R^T``, with row and column moments drawn apart."""
+    from lightning_bergson.capture import grouped, hooks
+
+    p, seed, gen = 4, 3, torch.Generator().manual_seed(5)
+    names = list(GradientCollector(model).modules)  # both layers of each shape
+    norms = {}
+    for name in names:
+        w = model.get_submodule(name).weight
+        norms[name] = AdafactorNormalizer(
+            torch.rand(w.shape[0], generator=gen) + 0.1,  # mean(r) != mean(c)
+            3 * torch.rand(w.shape[1] + bias, generator=gen) + 0.5,
+        )
+    stacks = []
+    monkeypatch.setattr(hooks, "stacked_rows", lambda *a, **k: stacks.append(len(a[0])) or
+                        grouped.stacked_rows(*a, **k))  # fmt: skip
+    got = {}
+    with GradientCollector(
+        model, projection_dim=p, seed=seed, include_bias=bias, defer=True, stack_layers=True,
+        closure=lambda k, r: got.__setitem__(k, r),
+    ) as c:  # fmt: skip
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        example_losses(out.logits, batch["labels"]).sum().backward()
+        c.set_normalizers(norms if normalized else {})
+        c.process_pending()
+    assert sorted(stacks) == [2, 2, 2, 2]  # 4 layer shapes x 2 layers, each stacked
+    for name in names:
+        full = module_grad(oracle, name, bias=bias)  # (B, O, I(+1))
+        if normalized:
+            r, col = norms[name].row, norms[name].col
+            full = full / (r[:, None] * col[None, :] / r.mean()).sqrt()
+        left = projection_matrix(p, full.shape[1], seed=seed, key=name, side="left")
+        right = projection_matrix(p, full.shape[2], seed=seed, key=name, side="right")
+        assert rel_err(got[name], (left @ full @ right.T).flatten(1)) <= 1e-5, name
+
+
 def test_normalizer_shape_mismatch(model):
     with pytest.raises(ValueError, match=r"has shape \(3, 3\)"):
         GradientCollector(model, include=[MLP], normalizers={MLP: AdamNormalizer(torch.ones(3, 3))})
