@@ -1,22 +1,22 @@
 """Linear datamodeling score (LDS): do summed scores predict retrained query losses?
 
 For ``M`` random subsets ``S_m`` of the training set (``keep_fraction`` of it kept, seeded),
-the model is retrained on ``S_m`` (data weights 0/1, the same ``MagicModule`` code path as the
-forward run) and every query's loss is measured. An attribution method predicts, to first
-order, a loss that decreases with the summed helpfulness of the kept examples::
+the model is retrained on ``S_m`` (data weights 0/1) and every query's loss is measured. An
+attribution method of any kind predicts, to first order, a loss that decreases with the
+summed helpfulness of the kept examples::
 
     predicted_loss(S_m, q) = - sum_{i in S_m} helpful(q, i)
 
 (``helpful = -score`` for metagradients, ``score`` for influence; see
 :func:`lightning_bergson.scores.helpfulness`). LDS of query ``q`` is the Spearman correlation
 over the ``M`` subsets between measured and predicted losses; the table reports its mean and
-standard deviation over queries. Every score array is compared on the same retrains, which
-are cached (``--retrains``) so methods added later reuse them.
+standard deviation over queries. The retraining itself is a callable (:data:`Retrain`), so
+every score array is compared on the same retrains, cached by :func:`retrain_losses` so
+methods added later reuse them. The ``lds`` command (:mod:`lightning_bergson.cli.lds`)
+retrains a ``MagicModule`` ``fit`` config::
 
     python -m lightning_bergson lds --scores runs/magic/scores.zarr \\
         --fit_config configs/magic.yaml --num_subsets 32 --keep_fraction 0.5
-
-(the command, which retrains a ``fit`` config, is :mod:`lightning_bergson.cli.lds`).
 
 References:
     - Park et al., "TRAK: Attributing Model Behavior at Scale", arXiv:2303.14186 (LDS).
@@ -34,9 +34,10 @@ from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 from torch import Tensor
 
-from ..scores import helpfulness
+from .format import helpfulness
 
 __all__ = [
+    "Retrain",
     "format_table",
     "linear_datamodeling_score",
     "predicted_losses",
