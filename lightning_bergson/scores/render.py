@@ -23,8 +23,8 @@ __all__ = ["format_text", "render_html", "render_markdown", "score_format", "set
 
 NOT_RECORDED = "not recorded"
 RELEVANT_LEGEND = (
-    "A row marked * (highlighted in HTML) is a known-relevant document given with the "
-    "query (e.g. one that states the queried fact); a good attribution ranks it near the top."
+    "a known-relevant document given with the query (e.g. one that states the queried "
+    "fact); a good attribution ranks it near the top."
 )
 NO_RELEVANT = "No known-relevant documents were given, so none is marked with *."
 
@@ -120,8 +120,10 @@ def how_to_read(rows: bool) -> str:
     return " ".join(p for p in parts if p)
 
 
-def _legend(reports: Sequence[QueryReport]) -> str:
-    return RELEVANT_LEGEND if any(m.relevant for m in _shown(reports)) else NO_RELEVANT
+def _legend(reports: Sequence[QueryReport], marked: str) -> str:
+    """What ``marked`` (a row marked ``*``; in HTML, highlighted) means in this report."""
+    relevant = any(m.relevant for m in _shown(reports))
+    return f"{marked} is {RELEVANT_LEGEND}" if relevant else NO_RELEVANT
 
 
 def format_text(reports: Sequence[QueryReport], *, bottom: bool = False, width: int = 100) -> str:
@@ -184,7 +186,15 @@ def render_markdown(
     out += [
         f"- **{k}**: {_md_cell(v, 1000)}" for k, v in settings_lines(reports, header, source, rows)
     ]
-    out += ["", "## How to read this", "", how_to_read(rows), "", f"Legend: {_legend(reports)}", ""]
+    out += [
+        "",
+        "## How to read this",
+        "",
+        how_to_read(rows),
+        "",
+        f"Legend: {_legend(reports, 'A row marked *')}",
+        "",
+    ]
     for q, rep in enumerate(reports):
         out += [f"## Query {q}", "", f"> {_md_cell(rep.query, 1000)}", ""]
         out += [f"- {note}" for note in rep.notes] + ([""] if rep.notes else [])
@@ -247,9 +257,9 @@ def render_html(
         for k, v in settings_lines(reports, header, source, rows)
     ]
     out.append(f"</table><h2>How to read this</h2><p>{esc(how_to_read(rows))}</p>")
-    swatch = "<span class='rel'>&nbsp;highlighted&nbsp;</span>"
+    swatch = "A <span class='rel'>&nbsp;highlighted&nbsp;</span> row marked *"
     out.append(
-        f"<div class='legend'><p>{swatch} {esc(_legend(reports))}</p>"
+        f"<div class='legend'><p>{_legend(reports, swatch)}</p>"  # fixed text: nothing to escape
         "<p><span class='pos'>green</span> score: helpful (above 0); "
         "<span class='neg'>red</span>: harmful (below 0).</p></div>"
     )

@@ -72,7 +72,7 @@ def test_report_files(tmp_path):
     assert "Bruno Tanaka works for <Lumen \\| Optics>." in md  # pipes escaped in tables
     assert "![scores of query 1](scores_q1.png)" in md
     assert "- **method**: not recorded" in md and "- **scored**: 4 training examples" in md
-    assert "A row marked * (highlighted in HTML) is a known-relevant document" in md
+    assert "Legend: A row marked * is a known-relevant document" in md
     page = paths["html"].read_text()
     assert "Lyon is the birthplace of Alice Moreau." in page
     assert "&lt;Lumen | Optics&gt;" in page and "<Lumen" not in page  # escaped
