@@ -141,7 +141,7 @@ def query_reports(
 
         top = [match(j) for j in order[:k]]
         bottom = [match(j) for j in order[::-1][: min(k, len(order))] if np.isfinite(row[j])]
-        marked = row[np.isin(ids, list(mark))].tolist() if mark else []
+        marked = row[np.isin(ids, list(mark)) & np.isfinite(row)].tolist() if mark else []
         out.append(QueryReport(queries[q], top, bottom, row, [], marked, len(ids), distinct))
     return out
 
@@ -221,7 +221,8 @@ def write_report(
     for q, rep in enumerate(reports if histograms else ()):
         if rep.scores is not None and np.isfinite(rep.scores).any():
             pngs[q] = histogram_png(rep.scores, f"query {q}: {rep.query}",
-                                    top=[m.score for m in rep.top], relevant=rep.relevant_scores,
+                                    top=[m.score for m in rep.top if np.isfinite(m.score)],
+                                    relevant=rep.relevant_scores,
                                     unit=unit)  # fmt: skip
     paths: dict[str, Path] = {}
     for q, data in pngs.items():
