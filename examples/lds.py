@@ -33,14 +33,14 @@ from torch import Tensor
 from lightning_bergson import GradientCollector, MagicModule, TextDataModule
 from lightning_bergson.magic import query_batch
 from lightning_bergson.magic.functional import DEFAULT_EPS_ROOT, example_losses, token_losses
-from lightning_bergson.magic.lds import (
+from lightning_bergson.scores import write_scores
+from lightning_bergson.scores.lds import (
     format_table,
     linear_datamodeling_score,
     predicted_losses,
     retrain_losses,
     sample_subsets,
 )
-from lightning_bergson.scores import write_scores
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = {

@@ -12,15 +12,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
-import zarr
 from torch import Tensor
 
-from ..scores import FORMAT, SCHEMA_VERSION, create_checked_array, mark_complete
-from ..store.schema import require_writable
+from ..scores import ScoreArrayWriter, ScoreHeader, ScoreSettings
 from .attributor import Attributor, Queries
 
-__all__ = ["QueryReduce", "reduce_queries", "write_score_array"]
+__all__ = ["QueryReduce", "reduce_queries", "score_header", "write_score_array"]
 
 QueryReduce = Literal["none", "mean", "max"]
 
@@ -42,43 +39,34 @@ def reduce_queries(scores: Tensor, how: QueryReduce) -> Tensor:
     raise ValueError(f"query_reduce={how!r} is not one of 'none', 'mean', 'max'")
 
 
-class _ColumnWriter:
-    """Buffers score columns in order and writes them in whole chunks of ``cols``."""
+def score_header(
+    attributor: Attributor,
+    *,
+    query_reduce: QueryReduce = "none",
+    metadata: dict[str, Any] | None = None,
+) -> ScoreHeader:
+    """The header of the attributor's scores: method, sign, store, preconditioner, reduction.
 
-    def __init__(self, array: zarr.Array, cols: int) -> None:
-        self.array, self.cols, self.start = array, cols, 0
-        self.pending: list[np.ndarray] = []
-
-    def add(self, block: np.ndarray) -> None:
-        self.pending.append(block)
-        if sum(p.shape[1] for p in self.pending) >= self.cols:
-            self.flush()
-
-    def flush(self) -> None:
-        if self.pending:
-            block = np.concatenate(self.pending, axis=1)  # (Q', n)
-            self.array[:, self.start : self.start + block.shape[1]] = block
-            self.start += block.shape[1]
-            self.pending.clear()
+    ``score`` writes it with the array; ``attribute`` shows it atop its report.
+    """
+    method = "gradient_cosine" if attributor.unit_norm else "gradient_inner_product"
+    settings = _settings(attributor, query_reduce)
+    return ScoreHeader(method, "influence", settings, dict(metadata or {}))
 
 
-def _create(
-    path: Path,
-    shape: tuple[int, int],
-    example_ids: np.ndarray,
-    attrs: dict[str, Any],
-    chunk_cols: int,
-    overwrite: bool,
-) -> zarr.Array:
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True or choose another path")
-    require_writable(path, "a score array", with_parent=path.exists())
-    group = zarr.open_group(str(path), mode="w", attributes={**attrs, "complete": False})
-    create_checked_array(group, "example_ids", data=np.asarray(example_ids, dtype=np.int64))
-    create_checked_array(group, "query_ids", data=np.arange(shape[0], dtype=np.int64))
-    chunks = (shape[0], max(1, min(chunk_cols, shape[1])))
-    return create_checked_array(
-        group, "scores", shape=shape, dtype="float32", chunks=chunks, fill_value=0.0
+def _settings(attributor: Attributor, query_reduce: QueryReduce) -> ScoreSettings:
+    pre = attributor.preconditioner
+    described = "none"
+    if pre is not None:
+        described = f"TrackStar second moments (damping {pre.damping:g}"
+        described += f", query_mix {attributor.query_mix:g})" if attributor.query_mix else ")"
+    rows = attributor.example_reduce == "none"
+    return ScoreSettings(
+        store=str(attributor.store.path),
+        preconditioner=described,
+        columns="rows" if rows else "examples",
+        example_reduce=None if rows else attributor.example_reduce,
+        query_reduce=query_reduce,
     )
 
 
@@ -101,49 +89,42 @@ def write_score_array(
         path: Output directory (``*.zarr``).
         query_reduce: ``"none"`` keeps ``[Q, N]``; ``"mean"``/``"max"`` store ``[1, N]``.
         modules: Score only these blocks.
-        metadata: JSON-able entries saved under ``attrs["metadata"]`` (e.g. query texts).
+        metadata: JSON entries saved with the array (e.g. query texts, ``relevant`` ids).
         overwrite: Replace an existing array at ``path``.
 
     Returns:
-        ``path``; read it with ``ScoreArray.open`` (``convention="influence"``).
+        ``path``; read it with ``ScoreArray.open`` (``convention="influence"``; its
+        ``settings`` name the store, the preconditioner and whether columns are stored
+        rows, with their ``epochs`` and ``steps``, or examples).
     """
     path = Path(path)
     num_q = attributor._as_rows(queries).shape[0]
     out_q = num_q if query_reduce == "none" else 1
-    method = "gradient_cosine" if attributor.unit_norm else "gradient_inner_product"
     meta = {
-        "store": str(attributor.store.path),
         "unit_norm": attributor.unit_norm,
-        "preconditioned": attributor.preconditioner is not None,
         "query_mix": attributor.query_mix,
-        "example_reduce": attributor.example_reduce,
-        "query_reduce": query_reduce,
         "modules": list(modules) if modules else None,
         **(metadata or {}),
-    }
-    attrs = {
-        "format": FORMAT,
-        "schema_version": SCHEMA_VERSION,
-        "method": method,
-        "convention": "influence",
-        "metadata": meta,
-    }
+    }  # the store, preconditioner and reductions are the header's settings
+    header = score_header(attributor, query_reduce=query_reduce, metadata=meta)
     if attributor.example_reduce != "none":
         scores, ids = attributor.scores(queries, modules=modules)
-        array = _create(path, (out_q, len(ids)), ids, attrs, len(ids), overwrite)
-        array[:, :] = reduce_queries(scores, query_reduce).float().numpy()
-        mark_complete(zarr.open_group(str(path), mode="r+"))
+        with ScoreArrayWriter(
+            path, header, num_queries=out_q, example_ids=ids, overwrite=overwrite
+        ) as writer:
+            writer.add(reduce_queries(scores, query_reduce))
         return path
-    ids = attributor.store.example_ids
+    store = attributor.store
     scan = attributor.chunk_rows
     cols = scan * max(1, 2**22 // (4 * out_q * scan))  # about 4 MiB per score chunk
-    array = _create(path, (out_q, len(ids)), ids, attrs, cols, overwrite)
-    writer = _ColumnWriter(array, cols)
+    with ScoreArrayWriter(
+        path, header, num_queries=out_q, example_ids=store.example_ids, epochs=store.epochs,
+        steps=store.steps, chunk_cols=cols, overwrite=overwrite,
+    ) as writer:  # fmt: skip
 
-    def consume(scores: Tensor, start: int) -> None:
-        writer.add(reduce_queries(scores, query_reduce).float().cpu().numpy())  # (Q', n)
+        def consume(scores: Tensor, start: int) -> None:
+            writer.add(reduce_queries(scores, query_reduce).float().cpu())  # (Q', n)
 
-    attributor._scan(queries, modules, consume)
-    writer.flush()
-    mark_complete(zarr.open_group(str(path), mode="r+"))
+        # private: the store scanner's public API comes with the Attributor split (issue 12)
+        attributor._scan(queries, modules, consume)
     return path

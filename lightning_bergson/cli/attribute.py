@@ -27,8 +27,8 @@ from torch import Tensor
 from ..attribution.attributor import Attributor
 from ..attribution.loading import load_model, load_text_data
 from ..attribution.queries import query_batch
-from ..attribution.report import format_text, from_search, query_reports, write_report
-from ..attribution.score_writer import write_score_array
+from ..attribution.score_writer import score_header, write_score_array
+from ..scores.report import format_text, from_search, query_reports, write_report
 from .report import read_texts
 
 __all__ = ["QueryOptions", "ScoringOptions", "attribute", "attribute_main", "score", "score_main"]
@@ -204,17 +204,26 @@ def attribute(
     q = _query_rows(attr, ctx)
     shown = ctx.texts if ctx.texts is not None else {}
     labels = _labels(ctx)
+    rows = {"epochs": attr.store.epochs, "steps": attr.store.steps}  # per stored row
     if len(q) * len(attr.store) <= FULL_SCORES_LIMIT:
         scores, ids = attr.scores(q, modules=scoring.modules)
-        reports = query_reports(scores.numpy(), ids, shown, labels, k=top_k, relevant=ctx.relevant)
+        per_row = rows if scoring.example_reduce == "none" else {}
+        reports = query_reports(
+            scores.numpy(), ids, shown, labels, k=top_k, relevant=ctx.relevant, **per_row
+        )
     else:  # too many to keep: one streaming pass for both ends, no histograms
         top, low = attr.extremes(q, k=top_k, modules=scoring.modules)
-        reports = from_search(top, low, shown, labels, relevant=ctx.relevant)
+        ids = attr.store.example_ids
+        reports = from_search(
+            top, low, shown, labels, relevant=ctx.relevant, example_ids=ids, **rows
+        )
     kind = _settings(attr, scoring)
     print(f"Scores: {kind}, of query gradients with the {len(attr.store)} rows of {store}\n")
     print(format_text(reports, bottom=bottom))
     if report:
-        paths = write_report(reports, report, title=f"Attribution ({kind}) over {store}")
+        paths = write_report(
+            reports, report, title=f"Attribution ({kind})", header=score_header(attr)
+        )
         print(f"report: {paths['html']} and {paths['markdown']}")
 
 

@@ -1,7 +1,7 @@
 """The ``lds`` command: LDS of score arrays on the same cached retrains of a ``fit`` config.
 
 The math (subsets, predicted losses, Spearman, the table) is in
-:mod:`lightning_bergson.magic.lds`; this module rebuilds the run from its config.
+:mod:`lightning_bergson.scores.lds`; this module rebuilds the run from its config.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import numpy as np
 from jsonargparse import CLI
 from torch import Tensor
 
-from ..magic.lds import (
+from ..scores import ScoreArray
+from ..scores.lds import (
     Retrain,
     format_table,
     linear_datamodeling_score,
@@ -23,7 +24,6 @@ from ..magic.lds import (
     retrain_losses,
     sample_subsets,
 )
-from ..scores import ScoreArray
 
 __all__ = ["lds", "lds_main"]
 

@@ -43,33 +43,39 @@ def report(
         top_k: Examples per side and query.
         texts: Training texts file (JSON list or one per line); default: rebuilt from the
             data module recorded in the score array's metadata.
-        title: Report title (default: the method and path).
+        title: Report title (default: the method; the path is in the settings header).
     """
-    from ..attribution.report import query_reports, write_report
     from ..scores import ScoreArray
+    from ..scores.report import query_reports, write_report
 
     arr = ScoreArray.open(scores)
     if arr.scores.ndim != 2:
         raise ValueError(f"{scores} holds per-token scores {arr.scores.shape}; report needs [Q, N]")
-    shown: Sequence[str] | dict[int, str] = {}
-    if texts:
-        shown = read_texts(texts)
-    elif arr.metadata.get("data"):
-        from ..attribution.loading import load_text_data
-
-        if (dm := load_text_data(arr.metadata["data"])) is not None:
-            shown = dm.texts
     labels = arr.metadata.get("queries") or [f"query {int(i)}" for i in arr.query_ids]
     if len(labels) != arr.scores.shape[0]:
-        labels = [f"{arr.metadata.get('query_reduce', 'reduced')} over queries"]
+        labels = [f"{arr.header.settings.query_reduce} over queries"]
     rel = arr.metadata.get("relevant")
     relevant = [set(r) for r in rel] if rel and len(rel) == len(labels) else None
     reports = query_reports(
-        arr.scores, arr.example_ids, shown, labels, k=top_k, convention=arr.convention,
-        relevant=relevant,
+        arr.scores, arr.example_ids, _texts(arr.metadata, texts), labels, k=top_k,
+        convention=arr.convention, relevant=relevant, epochs=arr.epochs, steps=arr.steps,
     )  # fmt: skip
-    paths = write_report(reports, out, title=title or f"{arr.method} scores: {scores}")
+    paths = write_report(
+        reports, out, title=title or f"{arr.method} scores", header=arr.header, source=scores
+    )
     print(f"report: {paths['html']} and {paths['markdown']}")
+
+
+def _texts(metadata: dict, texts: str | None) -> Sequence[str] | dict[int, str]:
+    """The training texts: ``texts`` if given, else rebuilt from the recorded data module."""
+    if texts:
+        return read_texts(texts)
+    if metadata.get("data"):
+        from ..attribution.loading import load_text_data
+
+        if (dm := load_text_data(metadata["data"])) is not None:
+            return dm.texts
+    return {}
 
 
 def report_main(argv: list[str]) -> None:

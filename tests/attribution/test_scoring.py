@@ -115,7 +115,12 @@ def test_score_array_equals_brute_force(store, tmp_path, query_reduce, example_r
     np.testing.assert_allclose(arr.scores, want, rtol=1e-5, atol=1e-6)
     assert arr.example_ids.tolist() == want_ids.tolist()
     assert arr.convention == "influence" and arr.method == "gradient_cosine"
-    assert arr.metadata["queries"] == ["a"] * 3 and arr.metadata["query_reduce"] == query_reduce
+    assert arr.metadata["queries"] == ["a"] * 3 and arr.settings.query_reduce == query_reduce
+    assert arr.settings.store == str(path) and arr.settings.preconditioner == "none"
+    if example_reduce == "none":  # columns are the store rows: 40 per epoch
+        assert arr.settings.columns == "rows" and arr.epochs.tolist() == [0] * 40 + [1] * 40
+    else:
+        assert arr.settings.columns == "examples" and arr.epochs is None
 
 
 def test_bad_queries_are_refused(store):

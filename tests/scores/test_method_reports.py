@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from lightning_bergson import EkfacModule
 from lightning_bergson.cli.report import report
 from lightning_bergson.ekfac import top_influences
-from lightning_bergson.scores import write_scores
+from lightning_bergson.scores import ScoreSettings, write_scores
 
 
 def _table_ids(markdown: str, heading: str) -> list[int]:
@@ -40,6 +40,23 @@ def test_metagradient_report_puts_the_most_negative_first(tmp_path):
     assert _table_ids(md, "**Top (most helpful)**") == [11, 14]
     assert _table_ids(md, "**Bottom**") == [12, 10]
     assert "training text 11" in md and (tmp_path / "rep" / "report.html").is_file()
+    assert "- **sign convention**: metagradient: d L_query / d w_i" in md
+    assert f"- **scores**: {tmp_path / 'm.zarr'}" in md
+
+
+def test_report_command_shows_the_arrays_settings_and_each_rows_epoch(tmp_path):
+    ids, epochs = [10, 11, 10], [0, 0, 1]  # example 10 was trained in two epochs
+    settings = ScoreSettings(store="g.zarr", preconditioner="none", columns="rows")
+    write_scores(tmp_path / "r.zarr", np.array([[0.3, -1.0, 0.5]]), ids, method="gradient_cosine",
+                 convention="influence", settings=settings, epochs=epochs,
+                 steps=[4, 4, 9])  # fmt: skip
+    report(str(tmp_path / "r.zarr"), str(tmp_path / "rep"), top_k=2, texts=_texts(tmp_path, ids))
+    md = (tmp_path / "rep" / "report.md").read_text()
+    top = md.split("**Top (most helpful)**", 1)[1].split("**", 1)[0]
+    assert "| 1 | +0.500 | 10 | 1 | 9 | training text 10 |" in top
+    assert "| 2 | +0.300 | 10 | 0 | 4 | training text 10 |" in top
+    assert "- **store**: g.zarr" in md and "- **preconditioner**: none" in md
+    assert "- **scored**: 3 rows of 2 training examples, per query" in md
 
 
 def test_ekfac_scores_report_their_top_influences(tmp_path):
