@@ -42,6 +42,7 @@ from lightning_bergson.analysis import (
     edit_distance,
     memorization_steps,
     ngram_jaccard,
+    r_precision,
     token_overlap,
 )
 
@@ -124,18 +125,24 @@ def recall_table(scores: dict[str, np.ndarray], classes, k: int) -> tuple[str, d
     return "\n".join(lines), values
 
 
-def harmful_table(scores: dict[str, np.ndarray], classes) -> str:
+def harmful_shares(scores: dict[str, np.ndarray], classes) -> dict[str, dict[str, float]]:
     """Share of each class's documents that a gradient method scores below zero (harmful:
     a step on them raises the query loss); BM25 and the embedding cosine have no sign."""
-    lines = ["| method | " + " | ".join(CLASSES) + " |", "|---" * (len(CLASSES) + 1) + "|"]
+    out = {}
     for name, s in scores.items():
         if name in BASELINES:
             continue
-        cells = []
+        out[name] = {}
         for cls in CLASSES:
             vals = [s[q, i] < 0 for q, docs in enumerate(classes[cls]) for i in docs]
-            cells.append(f"{np.mean(vals):.2f}" if vals else "-")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+            out[name][cls] = float(np.mean(vals)) if vals else float("nan")
+    return out
+
+
+def harmful_table(harmful: dict[str, dict[str, float]]) -> str:
+    lines = ["| method | " + " | ".join(CLASSES) + " |", "|---" * (len(CLASSES) + 1) + "|"]
+    for name, v in harmful.items():
+        lines.append(f"| {name} | " + " | ".join(f"{v[c]:.2f}" for c in CLASSES) + " |")
     return "\n".join(lines)
 
 
@@ -156,31 +163,39 @@ def rows_before(run: study.Run, batch, canaries: list[int], steps: np.ndarray, k
     return out
 
 
-def early_late_table(run, scores, canaries, steps, rows: np.ndarray, classes) -> str:
+def early_late(run, scores, canaries, steps, rows: np.ndarray, classes) -> dict[str, dict]:
+    """Per group (memorized at or before / after the median step): the values of the table."""
     mem_steps = steps[canaries]
-    cut = np.median(mem_steps)
-    groups = {"early": mem_steps <= cut, "late": mem_steps > cut}
-    lines = [
-        f"| group (memorized at step <= / > {cut:.0f}) | canaries | mean copies | "
-        "exact recall@10 | near-dup recall@50 | exact recall@10, EK-FAC | top rows: exact copies | "
-        "top rows: captured before memorized | all rows of the copies: captured before |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for name, mask in groups.items():
+    cut = float(np.median(mem_steps))
+    out = {}
+    for name, mask in (("early", mem_steps <= cut), ("late", mem_steps > cut)):
         idx = [q for q in range(len(canaries)) if mask[q]]
         if not idx:
-            lines.append(f"| {name} | 0 | - | - | - | - | - | - | - |")
             continue
         sub = {cls: [classes[cls][q] for q in idx] for cls in CLASSES}
-        main = class_recall_at_k(scores[MAIN][idx], sub, 10)
-        near = class_recall_at_k(scores[MAIN][idx], sub, 50)["near_duplicate"]
-        ek = scores.get("EK-FAC")
-        ek_exact = f"{class_recall_at_k(ek[idx], sub, 10)['exact']:.2f}" if ek is not None else "-"
-        copies = np.mean([run.corpus.canaries[canaries[q]].copies for q in idx])
-        lines.append(
-            f"| {name} | {len(idx)} | {copies:.1f} | {main['exact']:.2f} | {near:.2f} | "
-            f"{ek_exact} | " + " | ".join(f"{v:.2f}" for v in rows[idx].mean(0)) + " |"
+        v = {"canaries": len(idx), "cut": cut}
+        v["mean copies"] = np.mean([run.corpus.canaries[canaries[q]].copies for q in idx])
+        for method in (MAIN, "EK-FAC"):
+            if method in scores:
+                v[f"exact R-precision, {method}"] = r_precision(scores[method][idx], sub["exact"])
+        v["near-dup recall@50"] = class_recall_at_k(scores[MAIN][idx], sub, 50)["near_duplicate"]
+        v["top rows: exact copies"], v["top rows: before"], v["all rows: before"] = rows[idx].mean(
+            0
         )
+        out[name] = v
+    return out
+
+
+def early_late_table(groups: dict[str, dict]) -> str:
+    if not groups:
+        return "(no memorized canary)"
+    cut = next(iter(groups.values()))["cut"]
+    cols = [c for c in next(iter(groups.values())) if c != "cut"]
+    lines = [f"| group (memorized at step <= / > {cut:.0f}) | " + " | ".join(cols) + " |"]
+    lines.append("|---" * (len(cols) + 1) + "|")
+    for name, v in groups.items():
+        cells = [f"{v[c]}" if c == "canaries" else f"{v[c]:.2f}" for c in cols]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -217,22 +232,37 @@ def plot_recall(values: dict[int, dict[str, dict[str, float]]], path: Path) -> N
     plt.close(fig)
 
 
-def findings(run, steps, recall: dict[int, dict[str, dict[str, float]]], canaries) -> str:
+def findings(run, steps, recall, canaries, harmful, groups) -> str:
     """A few sentences read off the tables (so they stay true when the numbers change)."""
     done = {lvl: sum(1 for c in run.corpus.canaries if c.copies == lvl and steps[c.canary_id] >= 0)
             for lvl in run.cfg.copies}  # fmt: skip
     per = run.cfg.canaries_per_level
+    r10, r50 = recall[10], recall[50]
+    grads = [m for m in r50 if m not in BASELINES]
     text = [
         "Memorized at the end, by duplicate count: "
         + ", ".join(f"{lvl} copies {n}/{per}" for lvl, n in done.items())
-        + f" ({len(canaries)} canaries attributed)."
+        + f" ({len(canaries)} canaries attributed).",
+        f"Exact copies: recall@50 {min(r50[m]['exact'] for m in r50):.2f}-"
+        f"{max(r50[m]['exact'] for m in r50):.2f} across all methods.",
+        f"Near-duplicates: recall@50 {min(r50[m]['near_duplicate'] for m in grads):.2f}-"
+        f"{max(r50[m]['near_duplicate'] for m in grads):.2f} for the gradient methods against "
+        f"{r50['BM25']['near_duplicate']:.2f} for BM25; {MAIN} scores "
+        f"{harmful[MAIN]['near_duplicate']:.0%} of them harmful (paraphrases "
+        f"{harmful[MAIN]['paraphrase']:.0%}, related {harmful[MAIN]['related']:.0%}).",
+        "Paraphrases and related documents: recall@10 at most "
+        f"{max(max(r10[m]['paraphrase'], r10[m]['related']) for m in r10):.2f} for any method.",
     ]
-    r10, r50 = recall[10], recall[50]
-    for cls, k, table in (("exact", 10, r10), ("near_duplicate", 50, r50), ("paraphrase", 50, r50)):
-        best = max(table, key=lambda n: table[n][cls])
+    if len(groups) == 2:
+        e, late = groups["early"], groups["late"]
+        key = f"exact R-precision, {MAIN}"
         text.append(
-            f"Best recall@{k} of {cls.replace('_', '-')} documents: {best} "
-            f"({table[best][cls]:.2f}); TrackStar ({MAIN}) {table[MAIN][cls]:.2f}."
+            f"Early-memorized canaries ({e['canaries']}, {e['mean copies']:.1f} copies on average) "
+            f"against late ones ({late['canaries']}, {late['mean copies']:.1f}): exact R-precision "
+            f"{e[key]:.2f} vs {late[key]:.2f}; their top rows were captured before the "
+            f"memorization step {e['top rows: before']:.0%} vs {late['top rows: before']:.0%} of "
+            f"the time, against {e['all rows: before']:.0%} vs {late['all rows: before']:.0%} of "
+            "all rows of their copies."
         )
     return " ".join(text)
 
@@ -255,6 +285,8 @@ def main(argv: list[str] | None = None) -> None:
         tables[k], recall[k] = recall_table(scores, classes, k)
     k_rows = min(args.top_rows, len(run.corpus))
     rows = rows_before(run, batch, canaries, steps, k_rows)
+    groups = early_late(run, scores, canaries, steps, rows, classes)
+    harmful = harmful_shares(scores, classes)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     plot_curves(run, out.with_name("memorization_curves.png"))
@@ -305,7 +337,7 @@ recall@50:
 Share of each class scored harmful (score < 0: a training step on the document raises the
 query's loss), attribution methods only:
 
-{harmful_table(scores, classes)}
+{harmful_table(harmful)}
 
 ## Early- vs late-memorized canaries
 
@@ -315,11 +347,11 @@ one row per epoch); the share that are rows of the canary's exact copies, and th
 captured at an optimizer step before the canary became extractable, beside that share among
 all rows of its copies (the value without any preference for early or late rows).
 
-{early_late_table(run, scores, canaries, steps, rows, classes)}
+{early_late_table(groups)}
 
 ## Findings
 
-{findings(run, steps, recall, canaries)}
+{findings(run, steps, recall, canaries, harmful, groups)}
 """
     print(report)
     out.write_text(report)

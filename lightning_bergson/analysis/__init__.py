@@ -40,6 +40,7 @@ _EXPORTS = {
     "ngram_jaccard_matrix": ".overlap",
     "ngrams": ".overlap",
     "normalized_entropy": ".concentration",
+    "r_precision": ".retrieval",
     "ranks": ".retrieval",
     "recall_at_k": ".retrieval",
     "reciprocal_rank": ".retrieval",
@@ -66,6 +67,7 @@ __all__ = [
     "ngram_jaccard_matrix",
     "ngrams",
     "normalized_entropy",
+    "r_precision",
     "ranks",
     "recall_at_k",
     "reciprocal_rank",
@@ -94,4 +96,11 @@ if TYPE_CHECKING:
         token_overlap,
         words,
     )
-    from .retrieval import bm25_scores, class_recall_at_k, ranks, recall_at_k, reciprocal_rank
+    from .retrieval import (
+        bm25_scores,
+        class_recall_at_k,
+        r_precision,
+        ranks,
+        recall_at_k,
+        reciprocal_rank,
+    )

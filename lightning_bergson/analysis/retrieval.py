@@ -19,7 +19,14 @@ import numpy as np
 
 from .overlap import words
 
-__all__ = ["bm25_scores", "class_recall_at_k", "ranks", "recall_at_k", "reciprocal_rank"]
+__all__ = [
+    "bm25_scores",
+    "class_recall_at_k",
+    "r_precision",
+    "ranks",
+    "recall_at_k",
+    "reciprocal_rank",
+]
 
 
 def bm25_scores(
@@ -81,6 +88,19 @@ def recall_at_k(scores: np.ndarray, relevant: Sequence[set[int] | Sequence[int]]
     """
     r = _check(scores, relevant)
     vals = [float((r[q, list(rel)] < k).mean()) for q, rel in enumerate(relevant) if len(rel)]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def r_precision(scores: np.ndarray, relevant: Sequence[set[int] | Sequence[int]]) -> float:
+    """Mean over queries of the share of relevant documents among the top ``|relevant|``.
+
+    Unlike recall@k it reaches 1 for any number of relevant documents (a query with 16
+    exact duplicates has recall@10 at most 10/16); queries with none are skipped.
+    """
+    r = _check(scores, relevant)
+    vals = [
+        float((r[q, list(rel)] < len(rel)).mean()) for q, rel in enumerate(relevant) if len(rel)
+    ]
     return float(np.mean(vals)) if vals else float("nan")
 
 

@@ -10,6 +10,7 @@ import pytest
 from lightning_bergson.analysis import (
     bm25_scores,
     class_recall_at_k,
+    r_precision,
     ranks,
     recall_at_k,
     reciprocal_rank,
@@ -47,6 +48,9 @@ def test_recall_and_mrr_by_hand():
     assert recall_at_k(scores, relevant, k=2) == pytest.approx((1 / 2 + 0) / 2)
     assert recall_at_k(scores, relevant, k=3) == pytest.approx((2 / 2 + 0) / 2)
     assert reciprocal_rank(scores, relevant) == pytest.approx((1 / 2 + 1 / 4) / 2)
+    # top 2 of query 0 hold one of its 2; the top 1 of query 1 misses its 1
+    assert r_precision(scores, relevant) == pytest.approx((1 / 2 + 0) / 2)
+    assert r_precision(np.array([[5.0, 4.0, 3.0, 2.0, 1.0]]), [{0, 1, 2}]) == 1.0
 
 
 def test_class_recall_skips_queries_without_the_class():
