@@ -142,7 +142,9 @@ def all_scores(args, mm: MagicModule, dm: TextDataModule, query, out: Path) -> t
     scores["mean hidden state cosine"] = ("influence", hidden_scores(mm.model, docs(), query))
     note = "Bergson's methods: not run (--bergson off)."
     if args.bergson == "auto":
-        found, note = bergson_scores(mm.model, ds, query, out / "bergson", args.projection_dim)
+        found, note = bergson_scores(
+            mm, dm.tokenizer, ds, query, out / "bergson", args.projection_dim
+        )
         scores.update({k: ("influence", v) for k, v in found.items()})
     return scores, note
 

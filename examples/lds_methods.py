@@ -24,6 +24,9 @@ Each scorer returns ``[Q, N]`` scores in its own sign convention (``"influence"`
 from __future__ import annotations
 
 import copy
+import json
+import subprocess
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -218,19 +221,89 @@ def helpful_of(scores: np.ndarray, convention: str) -> np.ndarray:
 
 # ---------------------------------------------------------------- Bergson
 
+_BERGSON_MISSING = (
+    "Bergson's own TrackStar and EK-FAC: skipped, `bergson` is not importable here "
+    "(`pip install bergson` pulls another torch build; install it in its own environment "
+    "beside this package and rerun)."
+)
 
-def bergson_scores(model: nn.Module, dataset, query, workdir: Path, projection_dim: int):
-    """Bergson's TrackStar and EK-FAC ``[Q, N]`` on the same model, when importable.
 
-    Returns ``({method: scores}, note)``; without ``bergson`` the dict is empty and the note
-    says how to get it.
+def bergson_scores(mm: MagicModule, tokenizer, dataset, query, workdir: Path, projection_dim: int):
+    """Bergson's TrackStar and EK-FAC ``[Q, N]`` on the same final model, when importable.
+
+    Runs ``python -m bergson trackstar`` and ``python -m bergson ekfac`` on the final model
+    (``save_pretrained``), the training documents as token ids (the very tokens MAGIC
+    trained on) and the queries as token ids with their labels, with Bergson's defaults
+    otherwise; TrackStar's normalizer is MAGIC's final AdamW state, exported with Bergson's
+    own ``save_second_moments_as_optimizer_pt``.
+
+    Returns:
+        ``({method: scores}, note)``: empty without ``bergson``, the note says why.
     """
     try:
-        import bergson  # noqa: F401
+        import bergson
+        from bergson.utils.load_from_optimizer import save_second_moments_as_optimizer_pt
     except ImportError:
-        return {}, (
-            "Bergson's own TrackStar and EK-FAC: skipped, `bergson` is not importable here "
-            "(`pip install bergson` pulls another torch build; install it in its own "
-            "environment beside this package and rerun)."
-        )
-    return {}, "Bergson's own TrackStar and EK-FAC: not wired yet."
+        return {}, _BERGSON_MISSING
+    paths = _bergson_inputs(mm, tokenizer, dataset, query, workdir)
+    cfg, final = mm.optimizer_config, mm.trajectory.final
+    save_second_moments_as_optimizer_pt(mm.model, final.opt_state, paths["optimizer"],
+                                        step=final.step, betas=cfg.betas, eps=cfg.eps,
+                                        eps_root=cfg.eps_root)  # fmt: skip
+    common = ["--model", str(paths["model"]), "--data.dataset", str(paths["train"]),
+              "--query.dataset", str(paths["query"]), "--query.aggregation", "none",
+              "--token_batch_size", str(mm.model.config.max_position_embeddings),
+              "--overwrite", "true"]  # fmt: skip
+    runs = {
+        "Bergson TrackStar": ["trackstar", "--projection_dim", str(projection_dim),
+                              "--optimizer_state", str(paths["optimizer"])],
+        "Bergson EK-FAC": ["ekfac", "--method", "kfac", "--hessian_cfg.ev_correction", "true",
+                           "--use_dataset_labels", "true"],
+    }  # fmt: skip
+    out = {}
+    for name, (command, *options) in runs.items():
+        run = workdir / command
+        _run_bergson([command, str(run), *common, *options], workdir / f"{command}.log")
+        out[name] = read_bergson_scores(run / "scores")
+    return (
+        out,
+        f"Bergson {getattr(bergson, '__version__', '')} ran on the same model (logs in {workdir}).",
+    )
+
+
+def _bergson_inputs(mm, tokenizer, dataset, query, workdir: Path) -> dict[str, Path]:
+    from datasets import Dataset
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    paths = {k: workdir / k for k in ("model", "train", "query")}
+    paths["optimizer"] = workdir / "optimizer.pt"
+    mm.model.save_pretrained(paths["model"])
+    tokenizer.save_pretrained(paths["model"])
+    Dataset.from_dict({"input_ids": [list(r) for r in dataset["input_ids"]]}).save_to_disk(
+        str(paths["train"])
+    )
+    keep = [m.bool() for m in query["attention_mask"]]
+    rows = {
+        "input_ids": [ids[k].tolist() for ids, k in zip(query["input_ids"], keep, strict=True)],
+        "labels": [lab[k].tolist() for lab, k in zip(query["labels"], keep, strict=True)],
+    }
+    Dataset.from_dict(rows).save_to_disk(str(paths["query"]))
+    return paths
+
+
+def _run_bergson(args: list[str], log: Path) -> None:
+    with log.open("w") as f:
+        proc = subprocess.run([sys.executable, "-m", "bergson", *args], stdout=f, stderr=f)
+    if proc.returncode:
+        raise RuntimeError(f"bergson {args[0]} failed ({proc.returncode}); see {log}")
+
+
+def read_bergson_scores(path: Path) -> np.ndarray:
+    """``[Q, N]`` from a Bergson score directory (``info.json`` + ``scores.bin``)."""
+    info = json.loads((path / "info.json").read_text())
+    arr = np.memmap(path / "scores.bin", dtype=np.dtype(info["dtype"]), mode="r",
+                    shape=(info["num_items"],))  # fmt: skip
+    cols = range(info["num_scores"])
+    if not all(arr[f"written_{q}"].all() for q in cols):
+        raise RuntimeError(f"{path} holds unwritten scores: the Bergson run did not finish")
+    return np.stack([np.asarray(arr[f"score_{q}"], dtype=np.float64) for q in cols])

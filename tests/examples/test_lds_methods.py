@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import lightning.pytorch as L
+import pytest
 import torch
 from lds_methods import trajectory_store
 from oracles import lm_batch, oracle_lm_grads, tiny_gpt_neox
@@ -80,3 +81,28 @@ def test_trajectory_rows_and_query_match_the_oracle(tmp_path):
     got = Attributor(path).query_gradients(mm.model, query)
     want = _expected(mm.model, mm.trajectory.final.params, query, denoms[-1], store.modules)
     _close(got, want)
+
+
+def test_bergson_score_files_are_read_by_query(tmp_path):
+    """A score directory in Bergson's layout (interleaved score/written pairs), made by hand."""
+    import json
+
+    import numpy as np
+    from lds_methods import read_bergson_scores
+
+    names = ["score_0", "written_0", "score_1", "written_1"]
+    spec = {"names": names, "formats": ["float32", "bool"] * 2, "offsets": [0, 4, 8, 12],
+            "itemsize": 16}  # fmt: skip
+    arr = np.zeros(3, dtype=np.dtype(spec))
+    arr["score_0"], arr["score_1"] = [1.0, 2.0, 3.0], [-1.0, 0.5, 4.0]
+    arr["written_0"] = arr["written_1"] = True
+    arr.tofile(tmp_path / "scores.bin")
+    info = {"num_items": 3, "num_scores": 2, "dtype": spec}
+    (tmp_path / "info.json").write_text(json.dumps(info))
+    got = read_bergson_scores(tmp_path)
+    assert got.tolist() == [[1.0, 2.0, 3.0], [-1.0, 0.5, 4.0]]  # [Q, N]
+
+    arr["written_1"][2] = False
+    arr.tofile(tmp_path / "scores.bin")
+    with pytest.raises(RuntimeError, match="unwritten"):
+        read_bergson_scores(tmp_path)
