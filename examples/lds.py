@@ -149,13 +149,8 @@ def all_scores(args, mm: MagicModule, dm: TextDataModule, query, out: Path) -> t
     return scores, note
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+def data(args: argparse.Namespace) -> tuple[TextDataModule, dict[str, Tensor]]:
+    """The biography documents and the fact queries."""
     dm = TextDataModule(
         num_people=args.num_people,
         max_length=32,
@@ -165,72 +160,86 @@ def main(argv: list[str] | None = None) -> None:
     )
     dm.prepare_data()
     dm.setup("fit")
-    n = len(dm.train_dataset)
-    query = query_batch(dm.tokenizer, facts=dm.corpus.facts[: args.num_queries])  # type: ignore[union-attr]
+    return dm, query_batch(dm.tokenizer, facts=dm.corpus.facts[: args.num_queries])  # type: ignore[union-attr]
 
-    def module(weights: Tensor | None = None, schedule: str = "sqrt") -> MagicModule:
-        return MagicModule(
-            config=MODEL,
-            vocab_size=dm.vocab_size,
-            num_examples=n,
-            optimizer=args.optimizer,
-            lr=args.lr,
-            eps=args.eps,
-            eps_root=args.eps_root,
-            momentum=args.momentum,
-            max_grad_norm=args.max_grad_norm,
-            data_weights=weights,
-            checkpoint_schedule=schedule,  # type: ignore[arg-type]
-            seed=args.seed,
-        )
 
+def magic_module(args, dm: TextDataModule, weights: Tensor | None = None, schedule: str = "sqrt"):
+    """The forward run (``schedule="all"``) or a retrain on 0/1 ``weights``."""
+    return MagicModule(
+        config=MODEL,
+        vocab_size=dm.vocab_size,
+        num_examples=len(dm.train_dataset),
+        optimizer=args.optimizer,
+        lr=args.lr,
+        eps=args.eps,
+        eps_root=args.eps_root,
+        momentum=args.momentum,
+        max_grad_norm=args.max_grad_norm,
+        data_weights=weights,
+        checkpoint_schedule=schedule,  # type: ignore[arg-type]
+        seed=args.seed,
+    )
+
+
+def measured_losses(args, dm: TextDataModule, query, mm: MagicModule, masks: Tensor, out: Path):
+    """``[M, Q]`` query losses of the retrains, cached by the training setup."""
+
+    def retrain(mask: Tensor) -> tuple[np.ndarray, str]:
+        retrained = magic_module(args, dm, mask.double())
+        trainer(args.epochs).fit(retrained, datamodule=dm)
+        return retrained.query_loss(query).numpy(), retrained.data_order
+
+    setup = {k: v for k, v in vars(args).items() if k not in SCORING_ONLY}
+    key = hashlib.sha256(repr(sorted(setup.items())).encode()).hexdigest()[:16]
+    cache = out / f"retrains_{key}.safetensors"
+    return retrain_losses(retrain, masks, cache, data_order=mm.data_order, key=key)
+
+
+def tail_patches(args, mm: MagicModule, dm: TextDataModule, query, scores) -> dict[str, np.ndarray]:
+    """Every method's tail-patch scores ``[Q]``, and those of random documents."""
+    ds, pad = dm.train_dataset, dm.pad_token_id
+    helpful = {name: helpful_of(s, conv) for name, (conv, s) in scores.items()}
+    rand = random_helpfulness(len(query["input_ids"]), len(ds), args.seed)
+    helpful["random documents (reference)"] = rand
+    return {name: tail_patch(mm, query, h, ds, pad, args.tail_k) for name, h in helpful.items()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    dm, query = data(args)
+    n, ids = len(dm.train_dataset), np.arange(len(dm.train_dataset))
     t0 = time.perf_counter()
-    mm = module(schedule="all")  # every state kept: the captured rows replay them
+    mm = magic_module(args, dm, schedule="all")  # every state kept: the captured rows replay them
     trainer(args.epochs).fit(mm, datamodule=dm)
     t_fit = time.perf_counter() - t0
     scores, note = all_scores(args, mm, dm, query, out)
     t_scores = time.perf_counter() - t0 - t_fit
-    ids = np.arange(n)
     for name, (conv, s) in scores.items():
         slug = "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")
         write_scores(out / f"{slug}.zarr", s, ids, method=slug, convention=conv, overwrite=True)
-
-    def retrain(mask: Tensor) -> tuple[np.ndarray, str]:
-        retrained = module(mask.double())
-        trainer(args.epochs).fit(retrained, datamodule=dm)
-        return retrained.query_loss(query).numpy(), retrained.data_order
-
     masks = sample_subsets(n, args.num_subsets, args.keep_fraction, args.seed)
-    setup = {k: v for k, v in vars(args).items() if k not in SCORING_ONLY}
-    key = hashlib.sha256(repr(sorted(setup.items())).encode()).hexdigest()[:16]
-    cache = out / f"retrains_{key}.safetensors"
-    t1 = time.perf_counter()
-    measured = retrain_losses(retrain, masks, cache, data_order=mm.data_order, key=key)  # (M, Q)
-    t_retrain = time.perf_counter() - t1
-    helpful = {name: helpful_of(s, conv) for name, (conv, s) in scores.items()}
-    patch = {name: tail_patch(mm, query, h, dm.train_dataset, dm.pad_token_id, args.tail_k)
-             for name, h in helpful.items()}  # fmt: skip
-    rand = random_helpfulness(len(measured[0]), n, args.seed)
-    patch["random documents (reference)"] = tail_patch(
-        mm, query, rand, dm.train_dataset, dm.pad_token_id, args.tail_k
-    )
+    measured = measured_losses(args, dm, query, mm, masks, out)  # (M, Q)
+    t_retrain = time.perf_counter() - t0 - t_fit - t_scores
     rows = [
         (name, conv, linear_datamodeling_score(predicted_losses(s, conv, masks, ids), measured))
         for name, (conv, s) in scores.items()
     ]
-    steps = mm.trajectory.num_steps  # type: ignore[union-attr]
     smooth = mm.metasmoothness(h=0.1)  # two more forward trainings; warns below 0.9
     header = (
-        f"{n} documents, {steps} {args.optimizer} steps (lr {args.lr}, eps_root "
-        f"{args.eps_root}, eps {args.eps}, clip {args.max_grad_norm}), {args.num_queries} fact "
-        f"queries, {args.num_subsets} retrains keeping {args.keep_fraction:.0%}; "
-        f"metasmoothness (h = 0.1) {smooth:.3f}; tail-patch on the top {args.tail_k} documents"
+        f"{n} documents, {mm.trajectory.num_steps} {args.optimizer} steps (lr {args.lr}, "  # type: ignore[union-attr]
+        f"eps_root {args.eps_root}, eps {args.eps}, clip {args.max_grad_norm}), "
+        f"{args.num_queries} fact queries, {args.num_subsets} retrains keeping "
+        f"{args.keep_fraction:.0%}; metasmoothness (h = 0.1) {smooth:.3f}; tail-patch on the "
+        f"top {args.tail_k} documents"
     )
-    table = format_rows(rows, patch)
-    print(header)
-    print(table)
-    print(note)
-    print(f"fit {t_fit:.1f}s, scores {t_scores:.1f}s, retrains {t_retrain:.1f}s")
+    table = format_rows(rows, tail_patches(args, mm, dm, query, scores))
+    print(f"{header}\n{table}\n{note}\nfit {t_fit:.1f}s, scores {t_scores:.1f}s, retrains "
+          f"{t_retrain:.1f}s")  # fmt: skip
     _report(Path(args.report), argv, header, table, note, (t_fit, t_scores, t_retrain))
 
 

@@ -267,37 +267,50 @@ def findings(run, steps, recall, canaries, harmful, groups) -> str:
     return " ".join(text)
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    start = time.time()
-    run = study.prepare(study.config_from_args(args))
+def analyse(run: study.Run, top_rows: int) -> dict:
+    """Attribute the memorized canaries (every canary if none is) with every method."""
     canaries, steps = memorized(run)
     note = ""
     if not canaries:  # e.g. a smoke run: attribute every canary instead
         canaries = list(range(len(run.corpus.canaries)))
         note = "No canary was memorized, so every canary is attributed.\n\n"
     batch = study.canary_query(run, canaries)
-    texts = [run.corpus.canaries[c].text for c in canaries]
-    scores = study.method_scores(run, batch, texts)
+    scores = study.method_scores(run, batch, [run.corpus.canaries[c].text for c in canaries])
     classes = class_docs(run, canaries)
     tables, recall = {}, {}
     for k in (10, 50):
         tables[k], recall[k] = recall_table(scores, classes, k)
-    k_rows = min(args.top_rows, len(run.corpus))
+    k_rows = min(top_rows, len(run.corpus))
     rows = rows_before(run, batch, canaries, steps, k_rows)
     groups = early_late(run, scores, canaries, steps, rows, classes)
-    harmful = harmful_shares(scores, classes)
+    return {"canaries": canaries, "steps": steps, "note": note, "tables": tables,
+            "recall": recall, "k_rows": k_rows, "groups": groups,
+            "harmful": harmful_shares(scores, classes)}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    run = study.prepare(study.config_from_args(args))
+    start = time.time()
+    r = analyse(run, args.top_rows)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     plot_curves(run, out.with_name("memorization_curves.png"))
-    plot_recall(recall, out.with_name("memorization_recall.png"))
-    command = "python examples/memorization.py " + shlex.join(
-        argv if argv is not None else sys.argv[1:]
-    )
-    cfg = run.cfg
-    report = f"""# Memorization study: duplicates, near-duplicates, paraphrases, related documents
+    plot_recall(r["recall"], out.with_name("memorization_recall.png"))
+    argv = argv if argv is not None else sys.argv[1:]
+    r["command"] = ("python examples/memorization.py " + shlex.join(argv)).strip()
+    r["seconds"] = time.time() - start
+    text = report(run, r)
+    print(text)
+    out.write_text(text)
 
-Command: `{command.strip()}`
+
+def report(run: study.Run, r: dict) -> str:
+    """The results file: setup, memorization, recall by class, early vs late, findings."""
+    cfg, steps = run.cfg, r["steps"]
+    return f"""# Memorization study: duplicates, near-duplicates, paraphrases, related documents
+
+Command: `{r["command"]}`
 
 {len(run.corpus)} documents: {len(run.corpus.canaries)} canaries ({cfg.canaries_per_level} per
 duplicate count {", ".join(map(str, cfg.copies))}), their near-duplicates, paraphrases, related
@@ -307,8 +320,9 @@ documents, {len(run.corpus.docs_of_kind("style"))} telegram-style documents and
 projection {cfg.projection_dim}, per-head q/k/v blocks and the Adafactor-form normalizer from
 AdamW's state after each row's step. Memorized = ({cfg.k}, {cfg.m})-extractable: greedy decoding
 from the first {cfg.k} tokens reproduces the next {cfg.m}, at every evaluation from that step
-to the end (evaluated after every epoch). Training {run.train_seconds:.0f} s; wall time
-{time.time() - start:.0f} s (2-core CPU, shared).
+to the end (evaluated after every epoch). Training {run.train_seconds:.0f} s (a fresh run; reused
+from --workdir when the settings match),
+attribution and analysis {r["seconds"]:.0f} s (2-core CPU, shared).
 
 ![memorization curves](memorization_curves.png)
 
@@ -320,41 +334,39 @@ Similarity of each class to its canary (mean over documents; words):
 
 ## Recall by class
 
-{note}Queries: each memorized canary's first {cfg.k + cfg.m} tokens, loss on the last {cfg.m}.
+{r["note"]}Queries: each memorized canary's first {cfg.k + cfg.m} tokens, loss on the last {cfg.m}.
 recall@k = share of the class's documents among the top k of all {len(run.corpus)} documents
 (exact: the canary's copies, so recall@10 of a 16-copy canary is at most 10/16).
 
 recall@10:
 
-{tables[10]}
+{r["tables"][10]}
 
 recall@50:
 
-{tables[50]}
+{r["tables"][50]}
 
 ![recall by class](memorization_recall.png)
 
 Share of each class scored harmful (score < 0: a training step on the document raises the
 query's loss), attribution methods only:
 
-{harmful_table(harmful)}
+{harmful_table(r["harmful"])}
 
 ## Early- vs late-memorized canaries
 
 Memorized canaries split at the median memorization step. "Top rows": the query's
-{k_rows} highest-scoring captured rows under TrackStar (rows, not documents: a document has
+{r["k_rows"]} highest-scoring captured rows under TrackStar (rows, not documents: a document has
 one row per epoch); the share that are rows of the canary's exact copies, and the share
 captured at an optimizer step before the canary became extractable, beside that share among
 all rows of its copies (the value without any preference for early or late rows).
 
-{early_late_table(groups)}
+{early_late_table(r["groups"])}
 
 ## Findings
 
-{findings(run, steps, recall, canaries, harmful, groups)}
+{findings(run, steps, r["recall"], r["canaries"], r["harmful"], r["groups"])}
 """
-    print(report)
-    out.write_text(report)
 
 
 if __name__ == "__main__":

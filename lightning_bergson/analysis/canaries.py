@@ -208,21 +208,12 @@ def make_memorization_corpus(
         (t, "biography", -1, "", 0) for t in bios.texts
     ]
     canaries: list[Canary] = []
-    topics = list(TOPICS)
     for level in copies:
         for _ in range(canaries_per_level):
-            topic = topics[len(canaries) % len(topics)]
-            primary = [w for w, _ in TOPICS[topic]]
-            synonym = dict(TOPICS[topic])
-            seq = [rng.choice(primary) for _ in range(canary_words)]
-            cid = len(canaries)
-            canaries.append(Canary(cid, topic, " ".join(seq), level))
-            docs += [(" ".join(seq), "canary", cid, topic, 0)] * level
-            for e in near_edits:
-                near = _substitute(seq, e, primary, rng)
-                docs.append((" ".join(near), "near_duplicate", cid, topic, e))
-            if paraphrases:
-                docs.append((" ".join(synonym[w] for w in seq), "paraphrase", cid, topic, 0))
+            topic = list(TOPICS)[len(canaries) % len(TOPICS)]
+            seq = [rng.choice([w for w, _ in TOPICS[topic]]) for _ in range(canary_words)]
+            canaries.append(Canary(len(canaries), topic, " ".join(seq), level))
+            docs += _family(canaries[-1], seq, near_edits, paraphrases, rng)
     for topic, pairs in TOPICS.items():
         vocab = [w for pair in pairs for w in pair]
         for _ in range(related_per_topic):
@@ -231,6 +222,19 @@ def make_memorization_corpus(
     train, held_out = _telegrams(style_docs, style_queries, rng)
     docs += [(t, "style", -1, "", 0) for t in train]
     return _assemble(docs, bios.doc_fact, bios.facts, canaries, held_out, rng)
+
+
+def _family(canary: Canary, seq: list[str], near_edits, paraphrases: bool, rng: random.Random):
+    """The canary's copies, near-duplicates and paraphrase as ``(text, kind, id, topic, edits)``."""
+    primary = [w for w, _ in TOPICS[canary.topic]]
+    cid, topic = canary.canary_id, canary.topic
+    docs = [(canary.text, "canary", cid, topic, 0)] * canary.copies
+    for e in near_edits:
+        docs.append((" ".join(_substitute(seq, e, primary, rng)), "near_duplicate", cid, topic, e))
+    if paraphrases:
+        synonym = dict(TOPICS[topic])
+        docs.append((" ".join(synonym[w] for w in seq), "paraphrase", cid, topic, 0))
+    return docs
 
 
 def _assemble(docs, doc_fact, facts, canaries, held_out, rng) -> MemorizationCorpus:
