@@ -29,12 +29,9 @@ MRR = mean over facts of 1 / rank of the first relevant document.
 from __future__ import annotations
 
 import argparse
-import math
-import re
 import shlex
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 import lightning.pytorch as L
@@ -49,6 +46,7 @@ from lightning_bergson import (
     IndexModule,
     TextDataModule,
 )
+from lightning_bergson.analysis import bm25_scores, mean_hidden_states, recall_at_k, reciprocal_rank
 from lightning_bergson.attribution import query_batch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -140,40 +138,15 @@ def answer_accuracy(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> f
     return float(((pred == target) | (target == -100)).all(dim=1).float().mean())
 
 
-def bm25_scores(queries: list[str], docs: list[str], k1: float = 1.5, b: float = 0.75):
-    """Okapi BM25 ``[Q, N]`` over lowercase word tokens."""
-    words = [re.findall(r"\w+", d.lower()) for d in docs]
-    df = Counter(w for ws in words for w in set(ws))
-    n, avg = len(docs), sum(map(len, words)) / len(docs)
-    idf = {w: math.log(1 + (n - f + 0.5) / (f + 0.5)) for w, f in df.items()}
-    tfs = [Counter(ws) for ws in words]
-    out = np.zeros((len(queries), n))
-    for q, text in enumerate(queries):
-        for w in set(re.findall(r"\w+", text.lower())):
-            for i, tf in enumerate(tfs):
-                f = tf.get(w, 0)
-                if f:
-                    norm = f + k1 * (1 - b + b * len(words[i]) / avg)
-                    out[q, i] += idf[w] * f * (k1 + 1) / norm
-    return out
-
-
 def hidden_scores(model: torch.nn.Module, tok, queries: list[str], docs: list[str]) -> np.ndarray:
     """Cosine of mean last hidden states (over each text's tokens) ``[Q, N]``."""
 
     def embed(texts: list[str]) -> torch.Tensor:
-        out = []
-        for start in range(0, len(texts), 64):
-            b = query_batch(tok, texts[start : start + 64], max_length=64)
-            with torch.no_grad():
-                h = model(
-                    input_ids=b["input_ids"],
-                    attention_mask=b["attention_mask"],
-                    output_hidden_states=True,
-                ).hidden_states[-1]  # (B, S, H)
-            m = b["attention_mask"][..., None].float()
-            out.append((h * m).sum(1) / m.sum(1))  # (B, H)
-        return torch.nn.functional.normalize(torch.cat(out), dim=1)
+        parts = [
+            mean_hidden_states(model, query_batch(tok, texts[start : start + 64], max_length=64))
+            for start in range(0, len(texts), 64)
+        ]  # (B, H) each
+        return torch.nn.functional.normalize(torch.cat(parts), dim=1)
 
     return (embed(queries) @ embed(docs).T).numpy()
 
@@ -198,14 +171,8 @@ def gradient_scores(store: Path, model, batch, *, preconditioner: bool, damping=
 
 def retrieval_metrics(scores: np.ndarray, relevant: list[set[int]]) -> dict[str, float]:
     """Mean recall@1/5/10 and MRR of the relevant documents over queries."""
-    order = np.argsort(-scores, axis=1, kind="stable")  # (Q, N)
-    out: dict[str, list[float]] = {"recall@1": [], "recall@5": [], "recall@10": [], "MRR": []}
-    for q, rel in enumerate(relevant):
-        hits = np.isin(order[q], list(rel))
-        for k in (1, 5, 10):
-            out[f"recall@{k}"].append(hits[:k].sum() / len(rel))
-        out["MRR"].append(1.0 / (1 + int(np.argmax(hits))))
-    return {k: float(np.mean(v)) for k, v in out.items()}
+    out = {f"recall@{k}": recall_at_k(scores, relevant, k) for k in (1, 5, 10)}
+    return {**out, "MRR": reciprocal_rank(scores, relevant)}
 
 
 def table(rows: dict[str, dict[str, float]]) -> str:
