@@ -44,8 +44,9 @@ _MOVED = {
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals(), _MOVED)
 
 if TYPE_CHECKING:
-    from ..index import IndexModule
+    from ..index import IndexModule as IndexModule  # old path, see _MOVED
     from .attributor import Attributor, SearchResult, TraceResult
-    from .preconditioners import Preconditioner, SecondMomentPreconditioner
+    from .preconditioners import Preconditioner as Preconditioner  # old name
+    from .preconditioners import SecondMomentPreconditioner
     from .queries import query_batch
     from .store_match import StoreMismatchError, capture_settings, check_model

@@ -291,7 +291,7 @@ class Attributor:
     def _reduced(self, queries: Queries, modules) -> tuple[Tensor, Tensor]:
         """``(scores [Q, U], example ids [U])``: each example's rows reduced to one score."""
         num_q = self.encoder.rows(queries).shape[0]
-        reducer = ExampleReducer(self.store.example_ids, num_q, self.example_reduce)
+        reducer = ExampleReducer(self.store.example_ids, num_q, self.example_reduce, self.dtype)
         for chunk in self.iter_scores(queries, modules=modules):
             reducer.add(chunk.scores, chunk.start)
         return reducer.result()
@@ -343,7 +343,7 @@ class Attributor:
                 consume(chunk.scores, chunk.start)
             return None
         num_q = self.encoder.rows(queries).shape[0]
-        reducer = ExampleReducer(self.store.example_ids, num_q, self.example_reduce)
+        reducer = ExampleReducer(self.store.example_ids, num_q, self.example_reduce, self.dtype)
         for chunk in self.iter_scores(queries, modules=modules):
             reducer.add(chunk.scores, chunk.start)
         return reducer
