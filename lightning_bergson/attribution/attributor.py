@@ -115,9 +115,14 @@ class Attributor:
         self.store = store if isinstance(store, GradientStore) else GradientStore.open(store)
         self.encoder = QueryEncoder(self.store, check_model=check_model, normalizers=normalizers)
         self.check_model, self.settings = check_model, self.encoder.settings
-        self.device, self.dtype = torch.device(device), dtype
-        self.unit_norm, self.query_mix, self.example_reduce = unit_norm, query_mix, example_reduce
-        self.chunk_rows = chunk_rows or default_chunk_rows(self.store)
+        self.scorer = StreamingScorer(
+            self.store,
+            device=device,
+            dtype=dtype,
+            unit_norm=unit_norm,
+            chunk_rows=chunk_rows or default_chunk_rows(self.store),
+        )
+        self.query_mix, self.example_reduce = query_mix, example_reduce
         self.preconditioner = SecondMomentPreconditioner.for_store(
             self.store,
             preconditioner,
@@ -132,9 +137,28 @@ class Attributor:
             )
         self.faiss = faiss
         self._faiss_index: FaissIndex | None = None
-        self.scorer = StreamingScorer(
-            self.store, device=device, dtype=dtype, unit_norm=unit_norm, chunk_rows=self.chunk_rows
-        )
+
+    # The scorer's settings have one copy (read-only here): what callers read is what scans use.
+
+    @property
+    def device(self) -> torch.device:
+        """Where scores are computed."""
+        return self.scorer.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Scoring dtype."""
+        return self.scorer.dtype
+
+    @property
+    def unit_norm(self) -> bool:
+        """Cosine similarity instead of inner products."""
+        return self.scorer.unit_norm
+
+    @property
+    def chunk_rows(self) -> int:
+        """Rows read per chunk."""
+        return self.scorer.chunk_rows
 
     # ------------------------------------------------------------------ query rows
 
