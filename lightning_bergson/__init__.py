@@ -29,7 +29,7 @@ _EXPORTS = {
     "GradientStore": ".store",
     "GradientStoreWriter": ".store",
     "HeadConfig": ".capture",
-    "IndexModule": ".attribution",
+    "IndexModule": ".index",
     "MagicModule": ".magic",
     "NonFiniteGradientError": ".callbacks",
     "TextDataModule": ".data",
@@ -64,7 +64,7 @@ __all__ = [
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
 
 if TYPE_CHECKING:  # what type checkers and IDEs see
-    from .attribution import Attributor, IndexModule
+    from .attribution import Attributor
     from .callbacks import GradientCaptureCallback, NonFiniteGradientError, capture_example_loss
     from .capture import (
         AdafactorNormalizer,
@@ -76,6 +76,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from .corpus import BiographyCorpus, make_biographies
     from .data import TextDataModule
     from .ekfac import EkfacModule
+    from .index import IndexModule
     from .magic import MagicModule
     from .models import CausalLMModule
     from .store import GradientStore, GradientStoreWriter

@@ -13,14 +13,24 @@ from typing import Any
 
 
 def lazy_exports(
-    package: str, exports: dict[str, str], namespace: dict[str, Any]
+    package: str,
+    exports: dict[str, str],
+    namespace: dict[str, Any],
+    moved: dict[str, tuple[str, str]] | None = None,
 ) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:
-    """``(__getattr__, __dir__)`` for ``package`` exporting ``name -> ".submodule"``."""
+    """``(__getattr__, __dir__)`` for ``package`` exporting ``name -> ".submodule"``.
+
+    ``moved`` maps old names, still importable but no longer listed in ``__all__``, to
+    ``(".module", "new name")``: a class renamed or re-homed keeps its old import path.
+    """
+    where = {name: (module, name) for name, module in exports.items()}
+    where.update(moved or {})
 
     def __getattr__(name: str) -> Any:
-        if name not in exports:
+        if name not in where:
             raise AttributeError(f"module {package!r} has no attribute {name!r}")
-        value = getattr(importlib.import_module(exports[name], package), name)
+        module, attr = where[name]
+        value = getattr(importlib.import_module(module, package), attr)
         namespace[name] = value  # later lookups skip __getattr__
         return value
 

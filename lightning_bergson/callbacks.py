@@ -1,18 +1,17 @@
 """GradientCaptureCallback: store every training example's gradient during ``fit``.
 
-Lightning glue only: the math is in :mod:`lightning_bergson.capture`, the
-storage in :mod:`lightning_bergson.store`.
+Lightning glue only: the math is in :mod:`lightning_bergson.capture` (hooks, scales, row
+assembly and the non-finite policy in :mod:`~lightning_bergson.capture.rows`), the store's
+lifecycle across a fit and its resumes in :mod:`lightning_bergson.capture_store`, how
+``training_step``'s output reaches the callback in :mod:`lightning_bergson.training_step`.
 
 Run: ``python -m lightning_bergson fit --config configs/quickstart.yaml``
 """
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
-from functools import wraps
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,29 +24,26 @@ from typing_extensions import override
 
 from .batch import EXAMPLE_ID, example_ids, unstamp
 from .capture import DEFAULT_EXCLUDE, GradientCollector, HeadConfig, normalizers_from_optimizer
-from .capture.fingerprint import model_fingerprint
-from .capture.normalizers import load_normalizers, save_normalizers
+from .capture.normalizers import load_normalizers
 from .capture.observer import ScaleObserver
+from .capture.rows import (
+    BatchInfo,
+    BatchRows,
+    NonFiniteGradientError,
+    NonFinitePolicy,
+    RowAssembler,
+    finite_rows,
+)
 from .capture.scaling import BATCH_REDUCTIONS
 from .capture.settings import CaptureSettings
-from .store import GradientStoreWriter, layout_blocks
+from .capture_store import CaptureStore
+from .store import GradientStoreWriter
 from .strategy import BergsonStrategyMixin as _registers_strategy_names  # noqa: F401
+from .training_step import capture_example_loss, observe_training_step, unobserve_training_step
 
 __all__ = ["GradientCaptureCallback", "NonFiniteGradientError", "capture_example_loss"]
 
 BatchReduction = Literal["auto", "token_mean", "example_mean", "sum"]
-
-
-@dataclass
-class _BatchInfo:
-    """What the rows of one micro-batch need besides their gradients."""
-
-    example_id: Tensor  # (B,) int64, CPU
-    step: int
-    epoch: int
-    scale: Tensor | None = None  # (B,) multiplier turning the observed gradient into the row
-    loss: Tensor | None = None  # (B,) float32, CPU
-    advantage: Tensor | None = None  # (B,) float32, CPU: the batch's `advantage`, if any
 
 
 class GradientCaptureCallback(Callback):
@@ -177,19 +173,23 @@ class GradientCaptureCallback(Callback):
 
         self.collector: GradientCollector | None = None
         self.observer: ScaleObserver | None = None
+        self.rows: RowAssembler | None = None
+        self.store = CaptureStore(self.path)
+        self.nonfinite = NonFinitePolicy(on_nonfinite, self.path)
         self._step_owner: L.LightningModule | None = None
-        self.writer: GradientStoreWriter | None = None
-        self._batch: _BatchInfo | None = None
-        self._rows: dict[str, Tensor] = {}
-        self._deferred: list[tuple[_BatchInfo, list]] = []
-        self._resume_rows: dict[int, int] | None = None
+        self._batch: BatchInfo | None = None
+        self._deferred: list[tuple[BatchInfo, list]] = []
         self._trainer: L.Trainer | None = None
-        self._nonfinite: list[int] = []  # example ids of non-finite rows not yet reported
 
     @property
     @override
     def state_key(self) -> str:
         return self._generate_state_key(path=str(self.path))
+
+    @property
+    def writer(self) -> GradientStoreWriter | None:
+        """This rank's store writer while the fit runs (see :class:`CaptureStore`)."""
+        return self.store.writer
 
     @property
     def deferred(self) -> bool:
@@ -231,6 +231,7 @@ class GradientCaptureCallback(Callback):
             closure=self._on_rows,
             defer=self.deferred,
         )
+        self.rows = RowAssembler(self.collector.blocks)
         if self.normalizer != "none" and self.normalizer_source == "file":
             self.collector.set_normalizers(self._file_normalizers())
         self.collector.__enter__()
@@ -251,42 +252,15 @@ class GradientCaptureCallback(Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Here, not in on_fit_start: the train dataloader is loaded, so the store can be
         # sized for the rows to come (one right-sized chunk for a short run).
-        network = self._network(pl_module)
-        expected = trainer.strategy.broadcast(_expected_rows(trainer), src=0)
-        # Rank 0 creates (or replaces) the store first; the others then add their groups.
-        if trainer.global_rank == 0:
-            self.writer = self._open_writer(trainer, network, expected)
-        trainer.strategy.barrier("GradientCaptureCallback.open_store")
-        if trainer.global_rank != 0:
-            self.writer = self._open_writer(trainer, network, expected)
-
-    def _open_writer(
-        self, trainer: L.Trainer, network: nn.Module, expected_rows: int | None = None
-    ) -> GradientStoreWriter:
         assert self.collector is not None
-        rank = trainer.global_rank
-        if self._resume_rows is not None:
-            if len(self._resume_rows) != trainer.world_size:
-                raise RuntimeError(
-                    f"the checkpoint's gradient store {self.path} was written by "
-                    f"{len(self._resume_rows)} ranks but this run has world size "
-                    f"{trainer.world_size}; resume with the same number of processes"
-                )
-            self._check_resumable(network)
-            return GradientStoreWriter.reopen(
-                self.path, rank=rank, committed_rows=self._resume_rows[rank]
-            )
-        blocks = [(b.name, b.shape, b.parent, b.head) for b in self.collector.blocks]
-        return GradientStoreWriter(
-            self.path,
-            modules=layout_blocks(blocks),
+        self.store.open(
+            trainer,
+            self._network(pl_module),
+            self.collector.blocks,
+            self.settings,
             dtype=self.dtype,
-            rank=rank,
-            world_size=trainer.world_size,
             chunk_rows=self.chunk_rows,
-            metadata=self._metadata(network),
             overwrite=self.overwrite,
-            expected_rows=expected_rows,
         )
 
     @override
@@ -295,13 +269,14 @@ class GradientCaptureCallback(Callback):
     ) -> None:
         assert self.collector is not None and self.observer is not None
         ids = example_ids(batch, self.example_id_key)
-        self._batch = _BatchInfo(
+        self._batch = BatchInfo(
             example_id=ids,
             step=trainer.global_step,
             epoch=trainer.current_epoch,
             advantage=_advantage(batch, len(ids)),
         )
-        self._rows = {}
+        assert self.rows is not None
+        self.rows.clear()
         self.observer.begin(batch, len(ids), watch_now=not pl_module.automatic_optimization)
         self.collector.enabled = True
 
@@ -339,23 +314,14 @@ class GradientCaptureCallback(Callback):
             )
             self._flush_deferred(trainer)
         self._report_nonfinite(trainer)
-        if self.writer is not None:
-            # Normalizers first: a store flagged complete has everything a query needs.
-            if self.normalizer != "none" and trainer.is_global_zero and self.collector is not None:
-                out = self.path / "normalizers"
-                out.mkdir(parents=True, exist_ok=True)
-                save_normalizers(out / "normalizers.safetensors", self.collector.normalizers)
-            self.writer.close(complete=True)
-            self._report(trainer, self.writer.committed_rows)
-            self.writer = None
+        normalized = self.normalizer != "none" and self.collector is not None
+        self.store.close(trainer, self.collector.normalizers if normalized else None)  # type: ignore[union-attr]
 
     @override
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:
-        if self.writer is not None:
-            self.writer.abort()
-            self.writer = None
+        self.store.abort()
         self._remove_hooks()
 
     @override
@@ -365,20 +331,11 @@ class GradientCaptureCallback(Callback):
     @override
     def state_dict(self) -> dict[str, Any]:
         """Rows each rank has committed; called on every rank when a checkpoint is saved."""
-        if self.writer is None:
-            return {}
-        rows = torch.tensor([self.writer.flush()], dtype=torch.int64)
-        trainer = self._trainer
-        if trainer is not None and trainer.world_size > 1:
-            rows = trainer.strategy.all_gather(rows).reshape(-1).cpu()
-        committed = {str(rank): int(n) for rank, n in enumerate(rows)}
-        return {"path": str(self.path), "committed_rows": committed}
+        return self.store.state_dict(self._trainer)
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if state_dict:
-            rows = state_dict["committed_rows"]
-            self._resume_rows = {int(k): int(v) for k, v in rows.items()}
+        self.store.load_state_dict(state_dict)
 
     # ------------------------------------------------------------------ helpers
 
@@ -397,80 +354,29 @@ class GradientCaptureCallback(Callback):
         return inner
 
     def _on_rows(self, block: str, rows: Tensor) -> None:
-        prev = self._rows.get(block)
-        self._rows[block] = rows if prev is None else prev + rows
+        assert self.rows is not None
+        self.rows.add(block, rows)
 
-    def _write(self, info: _BatchInfo) -> None:
-        assert self.collector is not None and self.writer is not None
-        rows, self._rows = self._rows, {}
-        if not rows:
+    def _write(self, info: BatchInfo) -> None:
+        assert self.rows is not None and info.scale is not None
+        grads = self.rows.assemble(len(info.example_id), info.scale)
+        if grads is None:
             return  # no backward through tracked modules (e.g. a skipped batch)
-        batch = len(info.example_id)
-        assert info.scale is not None
-        parts, like = [], next(iter(rows.values()))
-        for block in self.collector.blocks:
-            part = rows.get(block.name)
-            if part is None:  # a module that took no part in this forward
-                self._warn_missing(block.name, info.step)
-                part = like.new_zeros(batch, math.prod(block.shape))
-            parts.append(part.detach())
-        grads = torch.cat(parts, dim=1)  # (B, D), in the rows' dtype (float64 stays exact)
-        grads = grads.mul_(info.scale.to(grads)[:, None])  # stays on its device: the writer
-        # casts to the store's dtype there and copies only what is stored to the host.
-        # A finite row sum means a finite row (NaN and inf propagate); only a row whose sum
-        # is not finite (or overflowed) needs the elementwise test.
-        finite = torch.isfinite(grads.sum(dim=1)).cpu()
-        if not bool(finite.all()):
-            finite = torch.isfinite(grads).all(dim=1).cpu()
-        ids, loss, advantage = info.example_id, info.loss, info.advantage
-        if not bool(finite.all()):
-            bad = ids[~finite.to(ids.device)].tolist()
-            if self.on_nonfinite == "raise":
-                raise NonFiniteGradientError(
-                    f"non-finite gradients for example ids {bad[:10]} at step {info.step} "
-                    f"(epoch {info.epoch}); GradientCaptureCallback(on_nonfinite='raise') stops "
-                    f"the fit here. Rows committed so far stay in {self.path}. Look for the "
-                    "cause (a loss that overflows, a learning rate too high, bad data), or use "
-                    "on_nonfinite='warn' (store them flagged finite=False) or 'skip'."
-                )
-            self._nonfinite += bad
-            if self.on_nonfinite == "skip":
-                self.writer.record_skipped(bad, info.step, info.epoch)
-                grads, ids, loss, advantage, finite = (
-                    None if x is None else x[finite.to(x.device)]
-                    for x in (grads, ids, loss, advantage, finite)
-                )
-                batch = len(ids)
-                if batch == 0:
-                    return
-        step, epoch = (info.step, info.epoch) if self.track_order else (-1, -1)
-        self.writer.append(
-            grads,
-            ids,
-            torch.full((batch,), step, dtype=torch.int64),
-            torch.full((batch,), epoch, dtype=torch.int32),
-            loss,
-            advantage,
-            finite=finite,
-        )
+        for block in self.rows.missing:
+            self._warn_missing(block, info.step)
+        rows = BatchRows(grads, info.example_id, finite_rows(grads), info.loss, info.advantage)
+        rows, skipped = self.nonfinite.apply(rows, info.step, info.epoch)
+        if skipped:
+            self.store.record_skipped(skipped, info.step, info.epoch)
+        if len(rows.example_id):
+            self.store.append(rows, info, track_order=self.track_order)
 
     def _report_nonfinite(self, trainer: L.Trainer) -> None:
         """One warning per rank for the non-finite rows it saw since the last report."""
-        if not self._nonfinite:
-            return
-        bad, self._nonfinite = self._nonfinite, []
-        done = {
-            "warn": "stored as they are and flagged finite=False (queries skip them)",
-            "skip": "not stored; their ids are in GradientStore.skipped",
-        }[self.on_nonfinite]
-        rank = f"rank {trainer.global_rank}: " if trainer.world_size > 1 else ""
-        warnings.warn(  # every rank: rank 1's bad rows are not rank 0's to report
-            f"{rank}{len(bad)} example{'s' if len(bad) != 1 else ''} had non-finite gradients "
-            f"in epoch {trainer.current_epoch} (example ids "
-            f"{bad[:10]}{' ...' if len(bad) > 10 else ''}): {done}. Set "
-            "on_nonfinite='raise' to stop at the first one.",
-            stacklevel=2,
-        )
+        rank = trainer.global_rank if trainer.world_size > 1 else None
+        message = self.nonfinite.report(trainer.current_epoch, rank)
+        if message is not None:  # every rank: rank 1's bad rows are not rank 0's to report
+            warnings.warn(message, stacklevel=2)
 
     @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -487,7 +393,7 @@ class GradientCaptureCallback(Callback):
             )
 
     @staticmethod
-    def _stepped(trainer: L.Trainer, info: _BatchInfo) -> bool:
+    def _stepped(trainer: L.Trainer, info: BatchInfo) -> bool:
         return trainer.global_step > info.step
 
     def _flush_deferred(self, trainer: L.Trainer) -> None:
@@ -512,43 +418,6 @@ class GradientCaptureCallback(Callback):
         loaded = load_normalizers(self.normalizer_path)  # type: ignore[arg-type]
         return {name: convert(n, self.normalizer) for name, n in loaded.items()}  # type: ignore[arg-type]
 
-    def _metadata(self, network: nn.Module) -> dict[str, Any]:
-        return {"model": model_fingerprint(network), **self.settings.to_attrs()}
-
-    def _check_resumable(self, network: nn.Module) -> None:
-        """Refuse to append to a store whose model or capture settings differ from this run's."""
-        from .store.schema import _open_root_attrs
-
-        assert self.collector is not None
-        stored = _open_root_attrs(self.path)
-        theirs = CaptureSettings.from_attrs(stored)
-        if theirs != self.settings:
-            raise ValueError(
-                f"cannot resume capture into {self.path}: its capture settings differ from this "
-                f"run's ({theirs.describe_diff(self.settings)}, stored != this run); resume with "
-                "the settings the store was written with, or start a new store"
-            )
-        mine = {k: v for k, v in model_fingerprint(network).items() if k != "config"}
-        model = {k: v for k, v in stored["model"].items() if k != "config"}
-        modules = [b.name for b in self.collector.blocks]
-        for key, (have, want) in {
-            "model": (model, mine),
-            "modules": ([m["name"] for m in stored["modules"]], modules),
-        }.items():
-            if have != want:
-                raise ValueError(
-                    f"cannot resume capture into {self.path}: its {key!r} is {have!r} but this "
-                    f"run's is {want!r}; resume with the model the store was written with, or "
-                    "start a new store"
-                )
-
-    def _report(self, trainer: L.Trainer, rows: int) -> None:
-        if trainer.is_global_zero:
-            rank_zero_info(
-                f"Gradient store: {self.path.resolve()} ({rows} rows on rank 0; open it with "
-                f"lightning_bergson.GradientStore.open({str(self.path)!r}))"
-            )
-
     def _remove_hooks(self) -> None:
         if self.collector is not None:
             self.collector.remove()
@@ -557,19 +426,19 @@ class GradientCaptureCallback(Callback):
             self.observer.remove()
             self.observer = None
         if self._step_owner is not None:
-            _unobserve_training_step(self._step_owner, self)
+            unobserve_training_step(self._step_owner, self)
             self._step_owner = None
 
     def _wrap_training_step(self, pl_module: L.LightningModule) -> None:
         """Let the observer see ``training_step``'s output before Lightning backpropagates it."""
-        _observe_training_step(pl_module, self)
+        observe_training_step(pl_module, self)
         self._step_owner = pl_module
 
     def _after_step(self, pl_module: L.LightningModule, output: Any) -> None:
         if self.observer is not None and self.observer.active:
             self.observer.after_step(output, automatic=pl_module.automatic_optimization)
 
-    def _warn_once_per_fit(self, info: _BatchInfo, source: str) -> None:
+    def _warn_once_per_fit(self, info: BatchInfo, source: str) -> None:
         assert self.observer is not None and info.scale is not None
         if self.observer.detached_example_loss and "detached" not in self._warned:
             self._warned.add("detached")
@@ -604,30 +473,6 @@ class GradientCaptureCallback(Callback):
             rank_zero_info(describe_capture(network, self.collector).format())
 
 
-def capture_example_loss(pl_module: L.LightningModule, example_loss: Tensor) -> None:
-    """The per-example loss contract for manual optimization: call it before backward.
-
-    With ``automatic_optimization = False`` backward runs inside ``training_step``, before
-    the step returns; hand each example's loss to the capture callbacks first::
-
-        def training_step(self, batch, batch_idx):
-            example_loss = ...  # [B], in the graph of the loss below
-            capture_example_loss(self, example_loss)
-            self.manual_backward(example_loss.sum())
-
-    Rows are then the gradients of ``example_loss[i]``, as with ``{"example_loss": ...}``
-    under automatic optimization. Without a capture callback attached this does nothing.
-
-    Args:
-        pl_module: The LightningModule whose ``training_step`` is running.
-        example_loss: ``[B]`` each example's loss, requiring grad.
-    """
-    wrapper = pl_module.__dict__.get("training_step")
-    for cb in getattr(wrapper, "_capture_callbacks", ()):
-        if cb.observer is not None:
-            cb.observer.use_example_loss(example_loss)
-
-
 def _effective_include(include: list[str] | None, pl_module: L.LightningModule) -> Any:
     """``include``, or the module's own ``capture_include`` (e.g. IndexModule's frozen layers)."""
     if include is not None:
@@ -649,57 +494,6 @@ def _advantage(batch: Any, size: int) -> Tensor | None:
             "hold one advantage per example"
         )
     return value
-
-
-def _observe_training_step(pl_module: L.LightningModule, callback: GradientCaptureCallback) -> None:
-    """Wrap ``pl_module.training_step`` once; every capture callback sees its output."""
-    wrapper = pl_module.__dict__.get("training_step")
-    if wrapper is None or not hasattr(wrapper, "_capture_callbacks"):
-        step = pl_module.training_step
-
-        @wraps(step)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            out = step(*args, **kwargs)
-            for cb in list(wrapper._capture_callbacks):  # type: ignore[attr-defined]
-                cb._after_step(pl_module, out)
-            return out
-
-        wrapper._capture_callbacks = []  # type: ignore[attr-defined]
-        pl_module.training_step = wrapper  # type: ignore[method-assign]
-    if callback not in wrapper._capture_callbacks:  # type: ignore[attr-defined]
-        wrapper._capture_callbacks.append(callback)  # type: ignore[attr-defined]
-
-
-def _unobserve_training_step(pl_module: L.LightningModule, callback: Any) -> None:
-    wrapper = pl_module.__dict__.get("training_step")
-    callbacks = getattr(wrapper, "_capture_callbacks", None)
-    if callbacks is None:
-        return
-    if callback in callbacks:
-        callbacks.remove(callback)
-    if not callbacks:
-        del pl_module.__dict__["training_step"]
-
-
-def _expected_rows(trainer: L.Trainer) -> int | None:
-    """Rows this rank will capture if the fit runs to its end, when that is known.
-
-    Every micro-batch gives ``batch_size`` rows; ``None`` for an unsized loader (a batch
-    sampler, an iterable dataset), an open-ended fit or several train loaders.
-    """
-    loader = trainer.train_dataloader
-    size = getattr(loader, "batch_size", None)
-    batches = trainer.num_training_batches
-    if not isinstance(size, int) or not math.isfinite(batches) or trainer.max_epochs in (None, -1):
-        return None
-    micro = int(batches) * max(trainer.max_epochs, 1)
-    if trainer.max_steps != -1:
-        micro = min(micro, trainer.max_steps * trainer.accumulate_grad_batches)
-    return micro * size
-
-
-class NonFiniteGradientError(RuntimeError):
-    """A captured row had NaN or inf and ``on_nonfinite='raise'`` was set."""
 
 
 def _check_choice(name: str, value: str, valid: tuple[str, ...]) -> None:

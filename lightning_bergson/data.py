@@ -40,6 +40,7 @@ __all__ = [
     "TextDataModule",
     "collate_batch",
     "group_advantages",
+    "load_text_data",
     "tokenize_conversations",
     "tokenize_prompt_completions",
     "tokenize_texts",
@@ -912,3 +913,17 @@ def _check_columns(
         )
     if skip_nan_rewards and reward is None:
         raise ValueError("skip_nan_rewards=True needs reward_column=<the rewards>.")
+
+
+def load_text_data(hparams: dict[str, Any] | None) -> TextDataModule | None:
+    """The :class:`TextDataModule` described by saved hyperparameters (None if another class).
+
+    ``hparams`` are a checkpoint's ``datamodule_hyper_parameters`` (as
+    :func:`lightning_bergson.networks.load_model` returns them): the run's tokenizer and texts.
+    """
+    if not hparams:
+        return None
+    class_path = hparams.get("_class_path", "lightning_bergson.TextDataModule")
+    if class_path.rsplit(".", 1)[-1] != "TextDataModule":
+        return None
+    return TextDataModule(**{k: v for k, v in hparams.items() if not k.startswith("_")})

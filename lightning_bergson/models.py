@@ -5,8 +5,6 @@ Run: ``python -m lightning_bergson fit --config configs/quickstart.yaml``
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as L
@@ -15,69 +13,18 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from .losses import batch_losses, causal_lm_losses
+from .networks import (
+    build_network,
+    can_build_now,
+    check_model_source,
+    config_dict,
+    vocab_from_datamodule,
+)
 
-__all__ = ["CausalLMModule", "batch_losses", "causal_lm_losses"]  # losses re-exported
+# losses and check_model_source re-exported (their homes: losses.py, networks.py)
+__all__ = ["CausalLMModule", "batch_losses", "causal_lm_losses", "check_model_source"]
 
-
-def check_model_source(source: str | Path, flag: str = "model") -> None:
-    """Raise ``FileNotFoundError`` for a local-looking path that does not exist.
-
-    Hugging Face names are ``name`` or ``org/name``; anything absolute, relative
-    (``./``, ``../``, ``~``) or deeper is a path, and a missing one would otherwise reach
-    the Hub and fail with an unrelated "Repo id must use alphanumeric chars" error.
-    """
-    text = str(source)
-    local = text.startswith(("/", ".", "~")) or text.count("/") > 1 or "\\" in text
-    if local and not Path(text).expanduser().exists():
-        raise FileNotFoundError(
-            f"{flag}={text}: no such file or directory. Pass a Lightning checkpoint, a "
-            "directory holding one, a save_pretrained directory or a Hugging Face model name "
-            "(org/name)."
-        )
-
-
-def _build_network(
-    model: str | nn.Module | None,
-    config: dict[str, Any] | None,
-    vocab_size: int | None,
-    attn_implementation: str,
-    seed: int,
-) -> nn.Module:
-    from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
-
-    if isinstance(model, nn.Module):
-        return model
-    if model is not None:
-        check_model_source(model)
-        net = AutoModelForCausalLM.from_pretrained(model, attn_implementation=attn_implementation)
-        if vocab_size is not None and net.get_input_embeddings().num_embeddings != vocab_size:
-            net.resize_token_embeddings(vocab_size)
-        return net
-    if config is None:
-        raise ValueError(
-            "CausalLMModule needs `model` (a Hugging Face name or a local directory) or `config` "
-            "(a dict with 'model_type', e.g. {'model_type': 'gpt_neox', 'hidden_size': 64})"
-        )
-    if isinstance(config, PretrainedConfig):
-        cfg = config
-    else:
-        kwargs = dict(config)
-        if "model_type" not in kwargs:
-            raise ValueError(
-                f"config needs a 'model_type' key (e.g. 'gpt_neox'); got {sorted(kwargs)}"
-            )
-        cfg = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
-    if vocab_size is not None:
-        cfg.vocab_size = vocab_size
-    cfg._attn_implementation = attn_implementation
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        return AutoModelForCausalLM.from_config(cfg, attn_implementation=attn_implementation)
-
-
-def _config_dict(config: Any) -> dict[str, Any]:
-    """A Hugging Face config as plain JSON types, ``model_type`` included."""
-    return {"model_type": config.model_type, **json.loads(config.to_json_string(use_diff=True))}
+_build_network = build_network  # the old private name, still imported by magic/module.py
 
 
 def _fully_shard(model: nn.Module, mesh: Any) -> None:
@@ -160,12 +107,12 @@ class CausalLMModule(L.LightningModule):
             # `load_from_checkpoint` rebuilds the same architecture and loads the weights.
             self.save_hyperparameters(ignore=["model"])
             if config is None and hasattr(model, "config"):
-                self.hparams.config = _config_dict(model.config)
+                self.hparams.config = config_dict(model.config)
         else:
             self.save_hyperparameters()
         self.model: nn.Module | None = None
-        if model is not None or vocab_size is not None or "vocab_size" in dict(config or {}):
-            self.model = _build_network(model, config, vocab_size, attn_implementation, seed)
+        if can_build_now(model, config, vocab_size):
+            self.model = build_network(model, config, vocab_size, attn_implementation, seed)
         self._source = model if isinstance(model, str) else None  # never a second module ref
 
     @override
@@ -178,16 +125,10 @@ class CausalLMModule(L.LightningModule):
             self._sharded = True
 
     def _build_from_datamodule(self) -> None:
-        vocab_size = getattr(self.trainer.datamodule, "vocab_size", None)
-        if vocab_size is None:
-            raise ValueError(
-                "CausalLMModule was given no vocab_size and the trainer has no data module with "
-                "a `vocab_size`; pass vocab_size=... or config={'vocab_size': ...}"
-            )
-        self.hparams.vocab_size = int(vocab_size)  # so checkpoints rebuild the same network
+        vocab_size = vocab_from_datamodule(self, "CausalLMModule")
         hp = self.hparams
-        self.model = _build_network(
-            self._source, hp.config, int(vocab_size), hp.attn_implementation, hp.seed
+        self.model = build_network(
+            self._source, hp.config, vocab_size, hp.attn_implementation, hp.seed
         )
 
     @override

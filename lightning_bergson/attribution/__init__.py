@@ -2,11 +2,13 @@
 
 * :class:`Attributor` makes query rows with the store's own capture settings and streams
   the store in chunks for top-k inner-product or cosine scores (Bergson's call shape).
-* :class:`Preconditioner` fits per-block second moments of stored rows (float64 eigh,
-  damped inverse powers) and saves them beside the store.
+* :class:`SecondMomentPreconditioner` (TrackStar's) fits per-block second moments of
+  stored rows (float64 eigh, damped inverse powers) and saves them beside the store.
 * :func:`write_score_array` scores many queries into the shared Zarr score format.
 * :mod:`~lightning_bergson.attribution.report` renders Markdown/HTML reports of any scores.
-* :class:`IndexModule` builds a store post hoc from a trained model (``index`` command).
+
+Old names still import from here: ``Preconditioner`` (now ``SecondMomentPreconditioner``)
+and ``IndexModule`` (its home is :mod:`lightning_bergson.index`, beside the capture side).
 """
 
 from __future__ import annotations
@@ -17,31 +19,34 @@ from .._lazy import lazy_exports
 
 _EXPORTS = {
     "Attributor": ".attributor",
-    "IndexModule": ".index",
-    "Preconditioner": ".preconditioners",
     "SearchResult": ".attributor",
-    "StoreMismatchError": ".compat",
+    "SecondMomentPreconditioner": ".preconditioners",
+    "StoreMismatchError": ".store_match",
     "TraceResult": ".attributor",
-    "capture_settings": ".compat",
-    "check_model": ".compat",
+    "capture_settings": ".store_match",
+    "check_model": ".store_match",
     "query_batch": ".queries",
 }
 __all__ = [
     "Attributor",
-    "IndexModule",
-    "Preconditioner",
     "SearchResult",
+    "SecondMomentPreconditioner",
     "StoreMismatchError",
     "TraceResult",
     "capture_settings",
     "check_model",
     "query_batch",
 ]
-__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
+_MOVED = {
+    "IndexModule": ("..index", "IndexModule"),
+    "Preconditioner": (".preconditioners", "SecondMomentPreconditioner"),
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals(), _MOVED)
 
 if TYPE_CHECKING:
+    from ..index import IndexModule as IndexModule  # old path, see _MOVED
     from .attributor import Attributor, SearchResult, TraceResult
-    from .compat import StoreMismatchError, capture_settings, check_model
-    from .index import IndexModule
-    from .preconditioners import Preconditioner
+    from .preconditioners import Preconditioner as Preconditioner  # old name
+    from .preconditioners import SecondMomentPreconditioner
     from .queries import query_batch
+    from .store_match import StoreMismatchError, capture_settings, check_model

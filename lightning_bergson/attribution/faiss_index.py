@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..store import GradientStore
-from .preconditioners import Preconditioner
+from ..store import GradientStore, StoreScanner
+from .preconditioners import SecondMomentPreconditioner
 from .scoring import unit_rows
 
 __all__ = ["FaissIndex"]
@@ -67,7 +67,7 @@ class FaissIndex:
         *,
         factory: str = "Flat",
         unit_norm: bool = False,
-        preconditioner: Preconditioner | None = None,
+        preconditioner: SecondMomentPreconditioner | None = None,
         chunk_rows: int = 65536,
         train_rows: int = 100_000,
     ) -> FaissIndex:
@@ -86,17 +86,38 @@ class FaissIndex:
         if not index.is_trained:
             sample = np.linspace(0, len(store) - 1, min(train_rows, len(store))).astype(np.int64)
             index.train(prepared(store.read(np.unique(sample), dtype=torch.float64)))
-        for _, chunk in store.iter_chunks(chunk_rows, dtype=torch.float32):
-            index.add(prepared(chunk))
-        info = {
-            "factory": factory,
-            "unit_norm": unit_norm,
-            "preconditioned": preconditioner is not None and unit_norm,
-            "damping": preconditioner.damping if preconditioner is not None and unit_norm else None,
-            "store_rows": len(store),
-            "dim": store.dim,
-        }
-        return cls(index, info)
+        for chunk in StoreScanner(store, chunk_rows=chunk_rows, dtype=torch.float32):
+            index.add(prepared(chunk.rows))
+        return cls(index, _describe(store, factory, unit_norm, preconditioner))
+
+    @classmethod
+    def for_store(
+        cls,
+        store: GradientStore,
+        *,
+        factory: str = "Flat",
+        unit_norm: bool = False,
+        preconditioner: SecondMomentPreconditioner | None = None,
+        chunk_rows: int = 65536,
+    ) -> FaissIndex:
+        """The index saved in ``<store>/faiss/`` when it matches, else built and saved there.
+
+        Args:
+            store, factory, unit_norm, chunk_rows: As :meth:`build`.
+            preconditioner: Applied (``H^-1/2``) to the rows only for cosine; inner products
+                carry ``H^-1`` on the query, so the index then holds raw rows.
+        """
+        pre = preconditioner if unit_norm else None
+        info = _describe(store, factory, unit_norm, pre)
+        path = cls.path_for(store, info)
+        index = cls.load(path) if path.is_file() else None
+        if index is None or not index.matches(info):
+            index = cls.build(
+                store, factory=factory, unit_norm=unit_norm, preconditioner=pre,
+                chunk_rows=chunk_rows,
+            )  # fmt: skip
+            index.save(path)
+        return index
 
     @staticmethod
     def path_for(store: GradientStore, info: dict[str, Any]) -> Path:
@@ -135,3 +156,21 @@ class FaissIndex:
         scores, rows = self.index.search(np.ascontiguousarray(q.numpy()), k)
         scores = torch.from_numpy(scores)
         return (-scores if reverse else scores), torch.from_numpy(rows).to(torch.int64)
+
+
+def _describe(
+    store: GradientStore,
+    factory: str,
+    unit_norm: bool,
+    preconditioner: SecondMomentPreconditioner | None,
+) -> dict[str, Any]:
+    """What an index holds: the rows it was built from and how they were transformed."""
+    pre = preconditioner is not None and unit_norm
+    return {
+        "factory": factory,
+        "unit_norm": unit_norm,
+        "preconditioned": pre,
+        "damping": preconditioner.damping if pre else None,  # type: ignore[union-attr]
+        "store_rows": len(store),
+        "dim": store.dim,
+    }

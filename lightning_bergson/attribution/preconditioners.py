@@ -13,7 +13,12 @@ so ``H^-1/2`` applied twice is exactly ``H^-1``. Inner products use ``q^T H^-1 g
 
 Saved as ``<store>/preconditioners/second_moments.safetensors`` (the float64
 eigendecomposition of every block, from which ``H`` is rebuilt when needed; JSON
-metadata), never pickled.
+metadata), never pickled. :meth:`SecondMomentPreconditioner.for_store` owns the loading,
+fitting and caching beside a store: a saved one is reused only for the rows it was fitted
+on (:func:`store_signature`).
+
+The class was called ``Preconditioner`` (a name EK-FAC's preconditioner also had); that
+name still imports it.
 
 References:
     Chang et al., "Scalable Influence and Fact Tracing for Large Language Model
@@ -22,23 +27,27 @@ References:
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from ..store import ModuleBlock
+from ..store import GradientStore, ModuleBlock, StoreScanner
+from .store_match import StoreMismatchError
 
 __all__ = [
     "Preconditioner",
+    "SecondMomentPreconditioner",
     "accumulate_second_moments",
     "damped_power",
     "eigh64",
+    "store_signature",
 ]
 
 FORMAT = "lightning_bergson.preconditioner"
@@ -102,7 +111,7 @@ def accumulate_second_moments(
     return sums, count
 
 
-class Preconditioner:
+class SecondMomentPreconditioner:
     """Per-block second moments ``H_b`` and their damped powers, applied to rows ``[n, D]``.
 
     Args:
@@ -116,8 +125,8 @@ class Preconditioner:
 
     Example:
         >>> blocks = [ModuleBlock("fc", 0, 4, (2, 2), "fc")]
-        >>> pre = Preconditioner({"fc": 2 * torch.eye(4, dtype=torch.float64)}, blocks,
-        ...                      damping=0.0)
+        >>> pre = SecondMomentPreconditioner({"fc": 2 * torch.eye(4, dtype=torch.float64)},
+        ...                                  blocks, damping=0.0)
         >>> pre.apply(torch.ones(1, 4), -1.0).tolist()
         [[0.5, 0.5, 0.5, 0.5]]
     """
@@ -148,7 +157,7 @@ class Preconditioner:
     @classmethod
     def fit(
         cls, chunks: Iterable[Tensor], blocks: Sequence[ModuleBlock], **kwargs: Any
-    ) -> Preconditioner:
+    ) -> SecondMomentPreconditioner:
         """Estimate ``H_b`` from all rows ``[n, D]`` of ``chunks`` (laid out as ``blocks``)."""
         too_big = [b.name for b in blocks if b.size > MAX_BLOCK_DIM]
         if too_big:
@@ -174,7 +183,7 @@ class Preconditioner:
             self._eigen[name] = eigh64(self._moments[name])
         return self._eigen[name]
 
-    def mixed(self, query_rows: Tensor, weight: float) -> Preconditioner:
+    def mixed(self, query_rows: Tensor, weight: float) -> SecondMomentPreconditioner:
         """``(1 - weight) H_train + weight H_query`` with ``H_query`` from rows ``[Q, D]``."""
         if not 0.0 <= weight <= 1.0:
             raise ValueError(f"query mixing weight must be in [0, 1], got {weight}")
@@ -185,7 +194,7 @@ class Preconditioner:
             b.name: (1 - weight) * self.moment(b.name) + weight * sums[b.name] / max(count, 1)
             for b in self.blocks
         }
-        return Preconditioner(
+        return type(self)(
             moments, self.blocks, num_rows=self.num_rows, damping=self.damping, info=self.info
         )
 
@@ -232,7 +241,7 @@ class Preconditioner:
         return path
 
     @classmethod
-    def load(cls, path: str | Path, *, damping: float = 0.1) -> Preconditioner:
+    def load(cls, path: str | Path, *, damping: float = 0.1) -> SecondMomentPreconditioner:
         """Read a file written by :meth:`save` (no pickle involved)."""
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -252,3 +261,61 @@ class Preconditioner:
         mine = [(b.name, b.size) for b in self.blocks]
         same = all(self.info.get(k) == v for k, v in info.items())
         return mine == [(b.name, b.size) for b in blocks] and same
+
+    @classmethod
+    def for_store(
+        cls,
+        store: GradientStore,
+        spec: Literal["fit"] | str | Path | SecondMomentPreconditioner | None,
+        *,
+        damping: float = 0.1,
+        chunk_rows: int = 65536,
+        dtype: torch.dtype = torch.float32,
+    ) -> SecondMomentPreconditioner | None:
+        """The preconditioner ``spec`` names for ``store``, loaded, fitted or given.
+
+        Args:
+            store: The gradient store scored against.
+            spec: ``None``; an instance (returned as is); ``"fit"`` (load
+                ``<store>/preconditioners/second_moments.safetensors`` when it was fitted on
+                these rows, else fit it from the store's rows and save it there); or a path
+                written by :meth:`save`, refused unless fitted on these rows.
+            damping: ``c`` in ``1 / (lambda + c * mean(lambda))``.
+            chunk_rows: Rows per read of a fit (each read is a Gram matrix per block).
+            dtype: Dtype of the rows' products in a fit.
+
+        Raises:
+            StoreMismatchError: a preconditioner file fitted on other rows.
+        """
+        if spec is None or isinstance(spec, cls):
+            return spec
+        info = store_signature(store)
+        if spec != "fit":
+            pre = cls.load(spec, damping=damping)
+            if not pre.matches(store.modules, info):
+                raise StoreMismatchError(
+                    f"the preconditioner {spec} was fitted on other rows (blocks or row count "
+                    f"{pre.info.get('store_rows')} != {len(store)}); refit it with "
+                    "preconditioner='fit'"
+                )
+            return pre
+        path = store.path / "preconditioners" / FILE_NAME
+        if path.is_file():
+            pre = cls.load(path, damping=damping)
+            if pre.matches(store.modules, info):
+                return pre
+        chunks = (c.rows for c in StoreScanner(store, chunk_rows=chunk_rows, dtype=dtype))
+        pre = cls.fit(chunks, store.modules, damping=damping, info=info)
+        pre.save(store.subdir("preconditioners") / FILE_NAME)
+        return pre
+
+
+Preconditioner = SecondMomentPreconditioner  # the old name, kept importable
+
+
+def store_signature(store: GradientStore) -> dict[str, Any]:
+    """Row count and a hash of the first and last rows: a saved preconditioner is reused
+    only for the rows it was fitted on (a store rewritten in place changes them)."""
+    ends = [0, len(store) - 1] if len(store) else []
+    digest = hashlib.sha256(store.read(ends).numpy().tobytes()).hexdigest()[:16]
+    return {"store_rows": len(store), "rows_sha256": digest}

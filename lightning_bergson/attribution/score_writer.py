@@ -98,7 +98,7 @@ def write_score_array(
         rows, with their ``epochs`` and ``steps``, or examples).
     """
     path = Path(path)
-    num_q = attributor._as_rows(queries).shape[0]
+    num_q = attributor.encoder.rows(queries).shape[0]
     out_q = num_q if query_reduce == "none" else 1
     meta = {
         "unit_norm": attributor.unit_norm,
@@ -121,10 +121,6 @@ def write_score_array(
         path, header, num_queries=out_q, example_ids=store.example_ids, epochs=store.epochs,
         steps=store.steps, chunk_cols=cols, overwrite=overwrite,
     ) as writer:  # fmt: skip
-
-        def consume(scores: Tensor, start: int) -> None:
-            writer.add(reduce_queries(scores, query_reduce).float().cpu())  # (Q', n)
-
-        # private: the store scanner's public API comes with the Attributor split (issue 12)
-        attributor._scan(queries, modules, consume)
+        for chunk in attributor.iter_scores(queries, modules=modules):
+            writer.add(reduce_queries(chunk.scores, query_reduce).float().cpu())  # (Q', n)
     return path

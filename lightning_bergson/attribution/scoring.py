@@ -16,16 +16,15 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
-import queue
-import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, TypeVar
+from typing import Literal
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from ..store.scan import prefetch  # its home is the store's scanner; kept importable here
 
 __all__ = [
     "ExampleReduce",
@@ -37,7 +36,6 @@ __all__ = [
 ]
 
 ExampleReduce = Literal["none", "sum", "mean", "max"]
-T = TypeVar("T")
 
 
 def unit_rows(x: Tensor) -> Tensor:
@@ -170,49 +168,3 @@ class ExampleReducer:
         if self.how == "mean":
             return self.acc / self.counts.to(self.acc).clamp(min=1), self.ids
         return self.acc, self.ids
-
-
-def prefetch(items: Iterable[T], depth: int = 2) -> Iterator[T]:
-    """Iterate ``items`` on a background thread, keeping up to ``depth`` ready ahead.
-
-    Reading the next chunk from disk overlaps with scoring the current one; exceptions of
-    the reader are raised in the consumer.
-
-    Example:
-        >>> list(prefetch(range(5)))
-        [0, 1, 2, 3, 4]
-    """
-    box: queue.Queue = queue.Queue(maxsize=max(depth, 1))
-    done = object()
-    stop = threading.Event()
-
-    def work() -> None:
-        try:
-            for item in items:
-                if stop.is_set():
-                    return
-                box.put(item)
-        except BaseException as err:  # handed to the consumer
-            box.put(_Failure(err))
-        box.put(done)
-
-    thread = threading.Thread(target=work, daemon=True, name="lightning_bergson-prefetch")
-    thread.start()
-    try:
-        while True:
-            item = box.get()
-            if item is done:
-                return
-            if isinstance(item, _Failure):
-                raise item.error
-            yield item
-    finally:
-        stop.set()
-        while thread.is_alive():  # unblock a reader waiting on a full queue
-            with contextlib.suppress(queue.Empty):
-                box.get(timeout=0.05)
-
-
-@dataclass
-class _Failure:
-    error: BaseException

@@ -25,9 +25,10 @@ from jsonargparse import ActionConfigFile, ArgumentParser
 from torch import Tensor
 
 from ..attribution.attributor import Attributor
-from ..attribution.loading import load_model, load_text_data
 from ..attribution.queries import query_batch
 from ..attribution.score_writer import score_header, write_score_array
+from ..data import load_text_data
+from ..networks import load_model
 from ..scores.report import format_text, from_search, query_reports, write_report
 from .report import read_texts
 

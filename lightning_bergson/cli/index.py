@@ -222,7 +222,7 @@ def index_main(argv: list[str]) -> None:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     if args.model is not None:
-        from ..models import check_model_source
+        from ..networks import check_model_source
 
         check_model_source(args.model, "--model")
     cfg = resolve_config(args)
@@ -271,13 +271,13 @@ def _dataset_args(dataset: str) -> dict[str, Any]:
 
 def _model_tokenizer(model: str, trainer: dict[str, Any]) -> str:
     """The tokenizer of ``--model``: its own (save_pretrained dir, Hub name) or its run's."""
-    from ..attribution.loading import find_checkpoint, is_pretrained_source
+    from ..networks import find_checkpoint, is_pretrained_source
 
     if is_pretrained_source(model):
         return model
     import torch
 
-    from ..attribution.loading import load_text_data
+    from ..data import load_text_data
 
     ckpt = torch.load(find_checkpoint(model), map_location="cpu", weights_only=True)
     data = load_text_data(ckpt.get("datamodule_hyper_parameters"))
@@ -295,7 +295,7 @@ def _model_max_length(model: Any) -> int | None:
     """``max_position_embeddings`` (or ``n_positions``) of a pretrained model's config."""
     if not isinstance(model, str):
         return None
-    from ..attribution.loading import is_pretrained_source
+    from ..networks import is_pretrained_source
 
     if not is_pretrained_source(model):
         return None

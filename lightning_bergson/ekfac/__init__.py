@@ -5,7 +5,7 @@ queries against training examples; the math lives in pure functions in :mod:`.fa
 """
 
 from .factors import NonFiniteFactorError
-from .influence import Preconditioner, TopInfluences, top_influences
+from .influence import EkfacPreconditioner, Preconditioner, TopInfluences, top_influences
 from .inspect import inspect_factors
 from .module import PHASES, EkfacModule
 from .storage import EkfacFactors, ModuleFactors
@@ -14,6 +14,7 @@ __all__ = [
     "PHASES",
     "EkfacFactors",
     "EkfacModule",
+    "EkfacPreconditioner",
     "ModuleFactors",
     "NonFiniteFactorError",
     "Preconditioner",

@@ -31,6 +31,7 @@ from .storage import EkfacFactors
 from .taps import LossFn, example_gradients
 
 __all__ = [
+    "EkfacPreconditioner",
     "Preconditioner",
     "TopInfluences",
     "check_store",
@@ -45,8 +46,12 @@ Batches = Iterable[tuple[Tensor, Grads]]  # (example ids [B], grads)
 
 
 @dataclass
-class Preconditioner:
-    """Per-module ``(Q_S, Q_A, eigenvalues + damping)`` of EK-FAC (or K-FAC), ready to apply."""
+class EkfacPreconditioner:
+    """Per-module ``(Q_S, Q_A, eigenvalues + damping)`` of EK-FAC (or K-FAC), ready to apply.
+
+    (Formerly ``Preconditioner``, a name TrackStar's preconditioner also had; that name still
+    imports it from :mod:`lightning_bergson.ekfac`.)
+    """
 
     bases: dict[str, tuple[Tensor, Tensor, Tensor]]
     method: str
@@ -61,7 +66,7 @@ class Preconditioner:
         method: Literal["ekfac", "kfac"] = "ekfac",
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
-    ) -> Preconditioner:
+    ) -> EkfacPreconditioner:
         """Damp each module's eigenvalues (absolute, or ``damping * mean`` when relative)."""
         if method not in ("ekfac", "kfac"):
             raise ValueError(f"method={method!r} is not one of 'ekfac', 'kfac'")
@@ -101,6 +106,9 @@ class Preconditioner:
             total = part if total is None else total + part
         assert total is not None, "no tracked module produced a gradient"
         return total
+
+
+Preconditioner = EkfacPreconditioner  # the old name, kept importable
 
 
 def iter_loader_gradients(
@@ -222,10 +230,6 @@ class TopInfluences:
     positive_scores: Tensor  # (Q, k)
     negative_ids: Tensor  # (Q, k) example ids, most harmful first
     negative_scores: Tensor  # (Q, k)
-
-    def to_dict(self) -> dict[str, list]:
-        """JSON-able lists (one entry per query)."""
-        return {k: getattr(self, k).tolist() for k in self.__dataclass_fields__}
 
 
 def top_influences(scores: Tensor, k: int = 5, example_ids: Tensor | None = None) -> TopInfluences:

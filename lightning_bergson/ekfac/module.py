@@ -28,6 +28,7 @@ from typing_extensions import override
 from ..capture.conv import CONV_TYPES
 from ..capture.fingerprint import model_fingerprint
 from ..capture.hooks import DEFAULT_EXCLUDE, _features, select_modules
+from ..networks import can_build_now, load_network, vocab_from_datamodule
 from .accumulate import CovarianceSums, LambdaSums, finalize_covariances, finalize_lambda
 from .factors import eigendecompose
 from .losses import lm_example_losses
@@ -127,8 +128,8 @@ class EkfacModule(ScoringMixin, L.LightningModule):
         self.factors_dir = Path(factors_dir)
         self.factor_dtype = _DTYPES[factor_dtype]
         self.model: nn.Module | None = None
-        if model is not None or vocab_size is not None or "vocab_size" in dict(config or {}):
-            self.model = _load_network(model, config, vocab_size, attn_implementation, seed)
+        if can_build_now(model, config, vocab_size):
+            self.model = load_network(model, config, vocab_size, attn_implementation, seed)
         self._source = None if isinstance(model, nn.Module) else model  # not a 2nd submodule
         self._phase = 0
         self._sums: CovarianceSums | LambdaSums | None = None
@@ -189,16 +190,11 @@ class EkfacModule(ScoringMixin, L.LightningModule):
         """Build the network from ``config`` with the data module's vocabulary if needed."""
         if self.model is not None:
             return
-        vocab_size = getattr(self.trainer.datamodule, "vocab_size", None)
-        if vocab_size is None:
-            raise ValueError(
-                "EkfacModule was given `config` without vocab_size and the trainer has no data "
-                "module with a `vocab_size`; pass vocab_size=... or config={'vocab_size': ...}"
-            )
+        given = "`config` without vocab_size"
+        vocab_size = vocab_from_datamodule(self, "EkfacModule", given=given)
         hp = self.hparams
-        self.hparams.vocab_size = int(vocab_size)
-        self.model = _load_network(
-            self._source, hp.config, int(vocab_size), hp.attn_implementation, hp.seed
+        self.model = load_network(
+            self._source, hp.config, vocab_size, hp.attn_implementation, hp.seed
         )
 
     @override
@@ -419,43 +415,3 @@ def _read_eigenvectors(
         read_factor(factors_dir, "gradient_eigen"),
     )
     return {n: (grad[f"{n}.eigenvectors"], act[f"{n}.eigenvectors"]) for n in tracked}
-
-
-def _load_network(
-    model: str | nn.Module | None,
-    config: dict[str, Any] | None,
-    vocab_size: int | None,
-    attn_implementation: str,
-    seed: int,
-) -> nn.Module:
-    """The network to analyse: unwrap LightningModules, load ``.ckpt`` files, else build."""
-    from ..models import CausalLMModule
-
-    if isinstance(model, L.LightningModule) and isinstance(
-        getattr(model, "model", None), nn.Module
-    ):
-        return model.model  # type: ignore[return-value]
-    if isinstance(model, nn.Module):
-        return model
-    if isinstance(model, str) and model.endswith(".ckpt"):
-        if not Path(model).is_file():
-            raise FileNotFoundError(f"checkpoint {model!r} does not exist")
-        try:
-            loaded = CausalLMModule.load_from_checkpoint(model, map_location="cpu")
-        except ValueError as err:
-            raise ValueError(
-                f"cannot rebuild the network of checkpoint {model!r}: {err}. Checkpoints of a "
-                "CausalLMModule given an nn.Module do not record its architecture; build it with "
-                "`model=<name or directory>` or `config=...`, or pass the network itself"
-            ) from err
-        assert loaded.model is not None, "a CausalLMModule checkpoint holds its network"
-        return loaded.model
-    wrapper = CausalLMModule(
-        model,
-        config=config,
-        vocab_size=vocab_size,
-        attn_implementation=attn_implementation,
-        seed=seed,
-    )
-    assert wrapper.model is not None
-    return wrapper.model

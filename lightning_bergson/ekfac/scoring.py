@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from ..scores import write_scores
 from ..store import GradientStore
-from .influence import Preconditioner, iter_loader_gradients, iter_store_gradients
+from .influence import EkfacPreconditioner, iter_loader_gradients, iter_store_gradients
 from .influence import pairwise_influence as _pairwise
 from .storage import EkfacFactors
 
@@ -54,9 +54,9 @@ class ScoringMixin:
 
     def preconditioner(
         self, *, damping: float = 0.1, relative_damping: bool = True, method: Method = "ekfac"
-    ) -> Preconditioner:
+    ) -> EkfacPreconditioner:
         """Damped (E)K-FAC preconditioner on the network's device and dtype (>= float32)."""
-        return Preconditioner.from_factors(
+        return EkfacPreconditioner.from_factors(
             self.load_factors(),
             damping=damping,
             relative_damping=relative_damping,
@@ -149,7 +149,7 @@ class ScoringMixin:
         return inspect_factors(self.factors_dir, module=module, out_dir=out_dir)
 
     def _preconditioned_queries(
-        self, loader: Iterable[Any], pre: Preconditioner
+        self, loader: Iterable[Any], pre: EkfacPreconditioner
     ) -> tuple[Tensor, dict[str, Tensor]]:
         ids, parts = [], []
         loss_fn = partial(self.example_losses, sample=False)

@@ -12,6 +12,8 @@ Layout of a store directory (see DESIGN.md, section 2)::
 Rows are buffered and written in whole chunks by a background thread; a rank's
 ``committed_rows`` attribute only advances after its rows are on disk, so a reader after a
 crash never sees rows that were not written. Metadata is JSON; nothing is pickled.
+:class:`StoreScanner` streams every committed row in chunks with its example id, read
+ahead and checksum-verified (the input of every scoring scan).
 
 Example:
     >>> import tempfile, torch
@@ -25,6 +27,7 @@ Example:
 
 from .integrity import Damage, VerifyReport, verify_store
 from .reader import GradientStore, LazyRows
+from .scan import RowChunk, StoreScanner
 from .schema import (
     FORMAT,
     SCHEMA_VERSION,
@@ -46,7 +49,9 @@ __all__ = [
     "IncompleteStoreWarning",
     "LazyRows",
     "ModuleBlock",
+    "RowChunk",
     "StoreIntegrityError",
+    "StoreScanner",
     "VerifyReport",
     "layout_blocks",
     "verify_store",
