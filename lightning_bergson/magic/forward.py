@@ -120,7 +120,7 @@ class ForwardFit(L.LightningModule):
                 "the checkpoint given to fit holds no MAGIC record (saved by another module or "
                 "before MagicModule trained); start a new fit without ckpt_path"
             )
-        if record is not None and record["steps"] > 0:
+        if record is not None and (record["steps"] > 0 or record["pending_micro_batches"]):
             self.trajectory, self._state = resume.restore(
                 record,
                 trajectory=self.trajectory,
