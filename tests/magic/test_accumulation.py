@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from magic_oracles import lightning_fit, relative_error, tiny_batches, tiny_model, tiny_query
+from magic_oracles import lightning_fit, tiny_batches, tiny_model, tiny_query
 
 from lightning_bergson import MagicModule
 

@@ -76,7 +76,8 @@ def _assert_same_state(a, b) -> None:
     """Parameters, optimizer state, RNG state and step, bitwise."""
     assert a.step == b.step and torch.equal(a.rng, b.rng), a.step
     assert a.params.keys() == b.params.keys()
-    tensors = zip([*a.params.values(), *a.opt_leaves()], [*b.params.values(), *b.opt_leaves()])
+    mine, theirs = [*a.params.values(), *a.opt_leaves()], [*b.params.values(), *b.opt_leaves()]
+    tensors = zip(mine, theirs, strict=True)
     assert all(torch.equal(x, y) for x, y in tensors), a.step
 
 
