@@ -1,8 +1,8 @@
 """Resume a MAGIC forward fit from a Lightning checkpoint.
 
 A Lightning checkpoint holds the network's weights, the loops' progress (and, with
-``strategy="bergson"`` or :class:`~lightning_bergson.TextDataModule`, the loader's place in
-the epoch). MAGIC adds one record of primitives under ``checkpoint["magic"]``
+``strategy="bergson"``/``"bergson_ddp"``, the loader's place in the epoch, so a fit resumes
+mid-epoch). MAGIC adds one record of primitives under ``checkpoint["magic"]``
 (:func:`checkpoint_record`): how many steps were taken, where the trajectory lives, the
 world size. No trajectory data goes into the checkpoint (it is pickled by Lightning):
 an on-disk trajectory (``checkpoint_dir``) is flushed to safetensors when the checkpoint is
