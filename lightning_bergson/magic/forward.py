@@ -87,6 +87,7 @@ class ForwardFit(L.LightningModule):
         loop.restore_accumulation(self.trainer)
         if stage == "fit":
             loop.check_strategy(self.trainer.strategy, self.trainer.world_size)
+            loop.check_precision(self.trainer.precision_plugin)
 
     @override
     def teardown(self, stage: str) -> None:

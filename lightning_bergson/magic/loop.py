@@ -17,7 +17,7 @@ this module closes:
   ``ModelCheckpoint(every_n_train_steps=...)`` count MAGIC steps.
 * **Strategies.** :func:`check_strategy` admits one device and DDP launched as processes
   (``strategy="ddp"``/``"bergson_ddp"``, ``torchrun``); sharded or spawned strategies are
-  refused with the fix.
+  refused with the fix. :func:`check_precision` refuses fp16 loss scaling.
 """
 
 from __future__ import annotations
@@ -26,10 +26,12 @@ from collections.abc import Callable
 
 import lightning.pytorch as L
 import torch
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, Strategy
 
 __all__ = [
     "StepCounter",
+    "check_precision",
     "check_strategy",
     "ends_step",
     "hide_accumulation",
@@ -107,3 +109,13 @@ def check_strategy(strategy: Strategy, world_size: int) -> None:
         "MAGIC keeps whole parameters and optimizer state on every rank, so sharded "
         "strategies (FSDP, ModelParallelStrategy, DeepSpeed) are not supported"
     )
+
+
+def check_precision(plugin: Precision) -> None:
+    """Raise for fp16 mixed precision: MAGIC applies no loss scaling (``GradScaler``)."""
+    if isinstance(plugin, MixedPrecision) and plugin.scaler is not None:
+        raise RuntimeError(
+            f"MagicModule does not support precision={plugin.precision!r}: it differentiates "
+            "each training step twice without fp16 loss scaling (GradScaler). Use "
+            "precision='64-true' or '32-true' (float64 for exact metagradients)"
+        )

@@ -323,7 +323,8 @@ class MagicModule(ForwardFit):
         ``warn_below`` a warning names the knobs that smooth training (``eps_root``,
         ``lr``, ``warmup_steps``, ``max_grad_norm``). On the biography LDS example
         (``examples/lds.py``, ``h=0.1``): 0.997 with ``eps_root=1e-4`` (LDS 0.98) and
-        0.656 with ``1e-8`` (LDS 0.90, 0.82 with 95% kept).
+        0.656 with ``1e-8`` (LDS 0.90, 0.82 with 95% kept). After a data-parallel fit every
+        rank must call it (the retrains sum gradients over ranks).
         """
         traj = self.trajectory
         if traj is None or traj.final is None:

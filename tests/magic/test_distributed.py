@@ -64,7 +64,7 @@ def test_two_processes_with_accumulation_equal_one(tmp_path, one_process):
     _assert_close(load_file(tmp_path / "acc" / "sqrt.safetensors"), one_process)
 
 
-def test_unsupported_strategies_are_refused():
+def test_unsupported_strategies_and_fp16_loss_scaling_are_refused():
     from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 
     from lightning_bergson.magic.loop import check_strategy
@@ -74,3 +74,12 @@ def test_unsupported_strategies_are_refused():
         check_strategy(DDPStrategy(start_method="spawn"), 2)
     with pytest.raises(RuntimeError, match=r"ModelParallelStrategy.*sharded strategies"):
         check_strategy(ModelParallelStrategy(), 2)
+
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    from lightning_bergson.magic.loop import check_precision
+
+    check_precision(MixedPrecision("bf16-mixed", "cpu"))  # no loss scaling: admitted
+    scaled = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+    with pytest.raises(RuntimeError, match=r"precision='16-mixed'.*loss scaling"):
+        check_precision(scaled)
