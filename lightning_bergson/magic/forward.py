@@ -122,23 +122,18 @@ class ForwardFit(L.LightningModule):
                 "before MagicModule trained); start a new fit without ckpt_path"
             )
         if record is not None and (record["steps"] > 0 or record["pending_micro_batches"]):
-            self.trajectory, self._state = resume.restore(
-                record,
-                trajectory=self.trajectory,
-                directory=self._trajectory_dir(),
-                step_fn=self.step_fn,
-                network=self.model,  # type: ignore[arg-type]
-                world_size=self.trainer.world_size,
-                data_weights=self.data_weights,
-            )
-            self._pending = []
-            return
-        if self.trajectory is not None and record is None:
+            self._resume(record)
+        elif self.trajectory is not None and record is None:
             raise RuntimeError(
                 "this MagicModule already trained once; its trajectory is what attribute() "
                 "differentiates. Build a new MagicModule for another run (or resume this one "
                 "with Trainer.fit(..., ckpt_path=...))"
             )
+        else:
+            self._start()
+
+    def _start(self) -> None:
+        """A new trajectory from the network's current weights."""
         steps = self.trainer.estimated_stepping_batches
         steps = int(steps) if steps != float("inf") else 1024
         self.trajectory = Trajectory(
@@ -149,8 +144,21 @@ class ForwardFit(L.LightningModule):
             warnings.warn(
                 "MAGIC replays the CPU RNG only; dropout on an accelerator is not replayed exactly."
                 " Set the model's dropout probabilities to 0 for exact metagradients",
-                stacklevel=2,
+                stacklevel=3,
             )
+
+    def _resume(self, record: dict[str, Any]) -> None:
+        """The trajectory and training state at the checkpoint (see :mod:`.resume`)."""
+        self.trajectory, self._state = resume.restore(
+            record,
+            trajectory=self.trajectory,
+            directory=self._trajectory_dir(),
+            step_fn=self.step_fn,
+            network=self.model,  # type: ignore[arg-type]
+            world_size=self.trainer.world_size,
+            data_weights=self.data_weights,
+        )
+        self._pending = []
 
     def _trajectory_dir(self) -> Path | None:
         """This rank's trajectory directory (``None``: in memory)."""
@@ -168,6 +176,14 @@ class ForwardFit(L.LightningModule):
         if not loop.ends_step(self.trainer, batch_idx):
             return None
         batches, self._pending = self._pending, []
+        loss = self._take_step(batches)
+        self.optimizers().step()  # type: ignore[union-attr]  # counts trainer.global_step
+        size = sum(len(b["example_id"]) for b in batches)
+        self.log("train/loss", loss, prog_bar=True, batch_size=size)
+        return loss
+
+    def _take_step(self, batches: list[dict[str, Tensor]]) -> Tensor:
+        """Record the state and this rank's micro-batches, then step on them all."""
         assert self.trajectory is not None and self._state is not None
         like = next(iter(self._state.params.values()))
         weights = [
@@ -176,14 +192,11 @@ class ForwardFit(L.LightningModule):
             )
             for b in batches
         ]
-        tokens = step_tokens(batches)
-        tokens = tokens if self.step_fn.group is None else self.step_fn.group.sum_int(tokens)
+        group = self.step_fn.group
+        tokens = step_tokens(batches) if group is None else group.sum_int(step_tokens(batches))
         self.trajectory.record(self._state, batches, tokens)
         self._state, loss = self.step_fn.step(self._state, batches, weights, num_tokens=tokens)
         self._sync_network()
-        self.optimizers().step()  # type: ignore[union-attr]  # counts trainer.global_step
-        size = sum(len(b["example_id"]) for b in batches)
-        self.log("train/loss", loss, prog_bar=True, batch_size=size)
         return loss
 
     def _check_batch(self, batch: dict[str, Tensor]) -> None:

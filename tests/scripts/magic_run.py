@@ -1,5 +1,5 @@
 """MAGIC fits and attributions, run as a script so Lightning can launch DDP ranks.
-Used by tests/magic/test_distributed.py.
+Used by tests/magic/test_data_parallel.py.
 
     python tests/scripts/magic_run.py --out DIR --devices 2 --batch-size 2 \
         --schedules all,sqrt,log [--accumulate 2]
