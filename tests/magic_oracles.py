@@ -10,9 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import lightning.pytorch as L
 import torch
-from oracles import lm_batch
+from oracles import Rows, lm_batch
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 from transformers import AttentionInterface, GPTNeoXConfig, GPTNeoXForCausalLM
 
 from lightning_bergson.magic.functional import OptimizerConfig, batch_weights
@@ -58,6 +60,43 @@ def tiny_batches(num: int = 6, batch: int = 2, seq: int = 6, seed: int = 1) -> l
     data = lm_batch(num, seq, VOCAB, seed=seed)
     data["example_id"] = torch.arange(num)
     return [{k: v[i : i + batch] for k, v in data.items()} for i in range(0, num, batch)]
+
+
+def tiny_rows(num: int = 6, seq: int = 6, seed: int = 1) -> Rows:
+    """The examples of :func:`tiny_batches` as a map-style dataset (rows ``0..num-1``)."""
+    data = lm_batch(num, seq, VOCAB, seed=seed)
+    data["example_id"] = torch.arange(num)
+    return Rows(data)
+
+
+def lightning_fit(
+    module: L.LightningModule,
+    data: list[dict] | DataLoader,
+    *,
+    epochs: int = 2,
+    precision: str = "64-true",
+    ckpt_path: str | None = None,
+    **trainer_kwargs,
+) -> L.Trainer:
+    """``L.Trainer(...).fit(module, data)`` quietly on CPU; a list of batches is one epoch."""
+    trainer_kwargs.setdefault("enable_checkpointing", False)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=epochs,
+        precision=precision,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **trainer_kwargs,
+    )
+    loader = DataLoader(data, batch_size=None) if isinstance(data, list) else data
+    trainer.fit(module, loader, ckpt_path=ckpt_path)
+    return trainer
+
+
+def relative_error(scores: Tensor, reference: Tensor) -> float:
+    """Largest ``|scores - reference| / |reference|``."""
+    return float(((scores - reference) / reference).abs().max())
 
 
 def tiny_query(num: int = 2) -> dict[str, Tensor]:

@@ -16,6 +16,16 @@ With ``w = 1`` this is Hugging Face's batch loss (mean over every supervised tok
 token weight ``w[i, t]`` is aligned with input position ``t``: it scales the loss of
 predicting token ``t``; position 0 is never predicted, so its weight has no effect.
 
+**One step, several batches.** An optimizer step may see its examples as several
+micro-batches (gradient accumulation) on several ranks (data parallel). The sums above
+then run over every example of the step and ``n`` counts the supervised tokens of all of
+them (:func:`step_tokens`, summed over ranks), so a step's loss
+does not depend on how its examples are split: two micro-batches of ``B`` on one device,
+or one of ``B`` on each of two ranks, train exactly as one batch of ``2B``. (Lightning's
+own accumulation averages the micro-batches' means instead, which differs when they hold
+different numbers of supervised tokens; Hugging Face's Trainer normalizes by the step's
+tokens, as here.)
+
 References:
     - Ilyas & Engstrom, "MAGIC: Near-Optimal Data Attribution for Deep Learning",
       arXiv:2504.16430.
@@ -24,6 +34,7 @@ References:
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -32,6 +43,7 @@ import torchopt
 from torch import Tensor
 from torchopt.typing import GradientTransformation
 
+from ..batch import causal_lm_labels, supervised_tokens
 from ..losses import token_losses
 
 __all__ = [
@@ -45,6 +57,7 @@ __all__ = [
     "make_optimizer",
     "metasmoothness_score",
     "replay_keep_next",
+    "step_tokens",
     "token_losses",
     "weighted_lm_loss",
 ]
@@ -54,7 +67,13 @@ SCHEDULES: tuple[str, ...] = ("all", "sqrt", "log")
 Granularity = Literal["example", "token"]
 
 
-def weighted_lm_loss(logits: Tensor, labels: Tensor, weights: Tensor | None = None) -> Tensor:
+def weighted_lm_loss(
+    logits: Tensor,
+    labels: Tensor,
+    weights: Tensor | None = None,
+    *,
+    num_tokens: int | None = None,
+) -> Tensor:
     """Weighted causal-LM cross entropy; unit weights give Hugging Face's batch mean.
 
     Args:
@@ -62,6 +81,8 @@ def weighted_lm_loss(logits: Tensor, labels: Tensor, weights: Tensor | None = No
         labels: ``[B, S]``, ``-100`` ignored.
         weights: ``None`` (all ones), ``[B]`` per example or ``[B, S]`` per token
             (``weights[i, t]`` scales the loss of predicting ``labels[i, t]``).
+        num_tokens: ``n``, the supervised tokens of the whole step when this batch is one
+            part of it (micro-batches, ranks); default: this batch's.
 
     Returns:
         Scalar ``sum(w * l) / n`` with ``n`` the number of supervised tokens.
@@ -81,7 +102,19 @@ def weighted_lm_loss(logits: Tensor, labels: Tensor, weights: Tensor | None = No
                 f" nor [B, S]={tuple(loss.shape)}; pass one weight per example or per token"
             )
         loss = loss * (weights[:, None] if weights.ndim == 1 else weights)
+    if num_tokens is not None:
+        return loss.sum() / max(1, num_tokens)
     return loss.sum() / mask.sum().clamp(min=1)
+
+
+def step_tokens(micro_batches: Sequence[Mapping[str, Tensor]]) -> int:
+    """Supervised tokens of one step's batches: the ``n`` of :func:`weighted_lm_loss`.
+
+    Example:
+        >>> step_tokens([{"labels": torch.tensor([[5, 6, -100]])}, {"input_ids": torch.ones(1, 3)}])
+        3
+    """
+    return sum(int(supervised_tokens(causal_lm_labels(b)).sum()) for b in micro_batches)
 
 
 def example_losses(logits: Tensor, labels: Tensor) -> Tensor:

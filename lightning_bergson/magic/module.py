@@ -11,9 +11,15 @@ with ``convention="metagradient"`` (see :mod:`lightning_bergson.scores`).
 **Data order.** The module records every batch it trains on (token tensors and
 ``example_id``, kept on CPU), so the reverse pass replays exactly those batches in that
 order; retrains (finite differences, LDS) need a deterministic loader (``TextDataModule``
-is seeded per epoch), which :attr:`MagicModule.data_order` lets callers check. One
-uninterrupted ``fit`` per module: resuming a MAGIC fit from a Lightning checkpoint is not
-supported (the reverse pass itself is resumable).
+is seeded per epoch), which :attr:`MagicModule.data_order` lets callers check.
+
+**Lightning features.** ``Trainer(accumulate_grad_batches=k)``: one MAGIC step takes all
+``k`` micro-batches (normalized by the step's token count, so it equals one batch of all of
+them; :mod:`.loop`). ``Trainer(strategy="ddp", devices=N)``: every rank trains on and
+replays its shard of each global batch, and :meth:`MagicModule.attribute` returns the full
+scores on every rank (:mod:`.distributed`). ``Trainer.fit(..., ckpt_path=...)`` resumes an
+interrupted forward fit exactly (:mod:`.resume`; across processes with ``checkpoint_dir``).
+The reverse pass is resumable on its own (``reverse_state_path``).
 
 **Metasmoothness.** Metagradients predict retrained losses only as well as training is
 smooth in the data weights. Adam's ``sqrt(v + eps_root)`` is sign-like for parameters with
@@ -29,7 +35,6 @@ import warnings
 from pathlib import Path
 from typing import Any, Literal
 
-import lightning.pytorch as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
@@ -37,47 +42,23 @@ from typing_extensions import override
 
 from ..models import _build_network
 from ..scores import write_scores
+from .forward import ForwardFit, force_eager_attention
 from .functional import (
     DEFAULT_EPS_ROOT,
     Granularity,
     OptimizerConfig,
     Schedule,
-    batch_weights,
     metasmoothness_score,
 )
 from .queries import query_batch
-from .reverse import metagradients
+from .reverse import metagradients, replay
 from .step import FunctionalTrainer
 from .trajectory import Trajectory
 
 __all__ = ["MagicModule", "force_eager_attention"]
 
-_FUSED = ("sdpa", "flash", "flex", "paged")
-_ATTENTION_DROPOUT = ("attention_dropout", "attn_pdrop", "attention_probs_dropout_prob")
 
-
-def force_eager_attention(model: nn.Module) -> None:
-    """Switch fused attention kernels (not twice differentiable) to ``"eager"``, with a warning."""
-    config = getattr(model, "config", None)
-    impl = getattr(config, "_attn_implementation", None) or ""
-    if any(name in impl for name in _FUSED):
-        warnings.warn(
-            f"attn_implementation={impl!r} is not twice differentiable; MAGIC switches the model"
-            " to 'eager' (load it with attn_implementation='eager' to silence this)",
-            stacklevel=3,
-        )
-        model.set_attn_implementation("eager")  # type: ignore[operator]
-
-
-def _has_dropout(model: nn.Module) -> bool:
-    """Whether an ``nn.Dropout`` or the attention dropout of the model's config is positive."""
-    config = getattr(model, "config", None)
-    probs = [getattr(config, key, 0.0) or 0.0 for key in _ATTENTION_DROPOUT]
-    probs += [m.p for m in model.modules() if isinstance(m, nn.Dropout)]
-    return any(p > 0 for p in probs)
-
-
-class MagicModule(L.LightningModule):
+class MagicModule(ForwardFit):
     """MAGIC: exact metagradients of a query loss w.r.t. every training example's weight.
 
     ``fit`` trains with a functional optimizer (torchopt, manual optimization) on the loss
@@ -103,7 +84,9 @@ class MagicModule(L.LightningModule):
         max_grad_norm: Clip gradients to this global norm (differentiated through).
         warmup_steps: Linear learning-rate warmup steps (0: constant learning rate).
         checkpoint_schedule: ``"sqrt"`` (default), ``"all"`` or ``"log"``.
-        checkpoint_dir: Keep checkpoints on disk there (safetensors) instead of in memory.
+        checkpoint_dir: Keep checkpoints and batches on disk there (safetensors) instead of
+            in memory; needed to resume the forward fit in a new process (under DDP each
+            rank writes ``<checkpoint_dir>/rank_<r>``).
         weight_granularity: ``"example"`` (scores ``[N]``) or ``"token"`` (``[N, S]``, the
             weight at position ``t`` scales the loss of predicting token ``t``).
         data_weights: Training weights ``[N]`` (or ``[N, S]``); ``None`` = all ones.
@@ -116,6 +99,7 @@ class MagicModule(L.LightningModule):
         seed: Initialization seed for models built from ``config``.
 
     Example:
+        >>> import lightning.pytorch as L
         >>> from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
         >>> net = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=11, hidden_size=8,
         ...     num_hidden_layers=1, num_attention_heads=2, intermediate_size=16,
@@ -192,6 +176,8 @@ class MagicModule(L.LightningModule):
         self.model: nn.Module | None = None
         self._step_fn: FunctionalTrainer | None = None
         self._state = None
+        self._pending: list[dict[str, Tensor]] = []  # micro-batches of the step in progress
+        self._resume_record: dict[str, Any] | None = None
         self._source = model
         if model is not None or vocab_size is not None or "vocab_size" in dict(config or {}):
             self._set_network(_build_network(model, config, vocab_size, "eager", seed))
@@ -248,87 +234,21 @@ class MagicModule(L.LightningModule):
         )
 
     @override
-    def configure_optimizers(self) -> list:
-        """No torch optimizer: the torchopt transformation lives in :attr:`step_fn`."""
-        return []
-
-    @override
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Logits ``[B, S, V]`` of the current network."""
         assert self.model is not None, "the network is built in configure_model"
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
 
     @override
-    def on_train_start(self) -> None:
-        if self.trajectory is not None:
-            raise RuntimeError(
-                "this MagicModule already trained once; its trajectory is what attribute() "
-                "differentiates. Build a new MagicModule for another run."
-            )
-        if self.trainer.world_size > 1:
-            raise RuntimeError(
-                f"MagicModule runs on one device; got world_size={self.trainer.world_size}. "
-                "Use Trainer(devices=1)."
-            )
-        steps = self.trainer.estimated_stepping_batches
-        steps = int(steps) if steps != float("inf") else 1024
-        self.trajectory = Trajectory(
-            steps, self.hparams.checkpoint_schedule, self.hparams.checkpoint_dir
-        )
-        self._state = self.step_fn.init_state(torch.get_rng_state())
-        if self.device.type != "cpu" and _has_dropout(self.step_fn.model):
-            warnings.warn(
-                "MAGIC replays the CPU RNG only; dropout on an accelerator is not replayed exactly."
-                " Set the model's dropout probabilities to 0 for exact metagradients",
-                stacklevel=2,
-            )
-
-    @override
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        if "example_id" not in batch:
-            raise KeyError(
-                "MAGIC needs batch['example_id'] (the dataset row of every example); TextDataModule"
-                " adds it, or dataset.map(lambda ex, i: {'example_id': i}, with_indices=True)"
-            )
-        ids = batch["example_id"]
-        if self.num_examples is not None and int(ids.max()) >= self.num_examples:
-            raise ValueError(
-                f"example_id {int(ids.max())} >= num_examples={self.num_examples}; pass the "
-                "training set's length as num_examples"
-            )
-        assert self.trajectory is not None and self._state is not None
-        like = next(iter(self._state.params.values()))
-        w = batch_weights(
-            self.data_weights, ids, batch["input_ids"].shape[1], self.granularity, like
-        )
-        self.trajectory.record(self._state, batch)
-        self._state, loss = self.step_fn.step(self._state, batch, w)
-        self._sync_network()
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(ids))
-        return loss
-
-    def _sync_network(self) -> None:
-        """Copy the functional parameters into ``self.model`` (checkpoints, validation, users)."""
-        assert self.model is not None and self._state is not None
-        params = dict(self.model.named_parameters())
-        with torch.no_grad():
-            for name, value in self._state.params.items():
-                params[name].copy_(value)
-
-    @override
-    def on_train_end(self) -> None:
-        assert self.trajectory is not None and self._state is not None
-        self.trajectory.finish(self._state)
-
-    @override
     def on_fit_end(self) -> None:
         if self.scores_path is None:
             return
         batch = self.default_query_batch()
-        scores = self.attribute(batch, per_query=self.hparams.per_query)
+        scores = self.attribute(batch, per_query=self.hparams.per_query)  # every rank
         scores = scores if self.hparams.per_query else scores[None]
-        path = self.write_scores(self.scores_path, scores)
-        rank_zero_info(f"MAGIC scores {tuple(scores.shape)}: {Path(path).resolve()}")
+        if self.trainer.is_global_zero:
+            path = self.write_scores(self.scores_path, scores)
+            rank_zero_info(f"MAGIC scores {tuple(scores.shape)}: {Path(path).resolve()}")
 
     def default_query_batch(self) -> dict[str, Tensor]:
         """The query batch of ``queries`` and ``query_facts`` (tokenized by the data module)."""
@@ -354,6 +274,9 @@ class MagicModule(L.LightningModule):
     ) -> Tensor:
         """Metagradients ``dL_query/dw``: ``[Q, N]`` (``[Q, N, S]`` per token).
 
+        After a data-parallel fit every rank must call it (the reverse pass runs on every
+        rank's shard in lockstep); every rank gets the full scores.
+
         Args:
             query: ``input_ids``, ``labels`` (``-100`` = not scored), ``attention_mask``.
             per_query: One row per query; ``False`` gives one row ``[N]`` (``[N, S]``) for
@@ -363,9 +286,7 @@ class MagicModule(L.LightningModule):
         """
         if self.trajectory is None or self.trajectory.final is None:
             raise RuntimeError("attribute() needs a finished fit (or load_trajectory(...)) first")
-        num = self.num_examples or 1 + max(
-            int(b["example_id"].max()) for b in self.trajectory.batches
-        )
+        num = self._num_examples()
         scores = metagradients(
             self.step_fn,
             self.trajectory,
@@ -402,7 +323,8 @@ class MagicModule(L.LightningModule):
         ``warn_below`` a warning names the knobs that smooth training (``eps_root``,
         ``lr``, ``warmup_steps``, ``max_grad_norm``). On the biography LDS example
         (``examples/lds.py``, ``h=0.1``): 0.997 with ``eps_root=1e-4`` (LDS 0.98) and
-        0.656 with ``1e-8`` (LDS 0.90, 0.82 with 95% kept).
+        0.656 with ``1e-8`` (LDS 0.90, 0.82 with 95% kept). After a data-parallel fit every
+        rank must call it (the retrains sum gradients over ranks).
         """
         traj = self.trajectory
         if traj is None or traj.final is None:
@@ -410,10 +332,9 @@ class MagicModule(L.LightningModule):
         start = traj.state(0)
         assert start is not None, "the state before step 0 is always kept"
         like = next(iter(start.params.values()))
-        num = self.num_examples or 1 + max(int(b["example_id"].max()) for b in traj.batches)
-        shape: tuple[int, ...] = (num,)
+        shape: tuple[int, ...] = (self._num_examples(),)
         if self.granularity == "token":
-            shape = (num, max(b["input_ids"].shape[1] for b in traj.batches))
+            shape = (*shape, max(b["input_ids"].shape[1] for step in traj.batches for b in step))
         base = (
             torch.ones(shape, dtype=like.dtype)
             if self.data_weights is None
@@ -423,14 +344,7 @@ class MagicModule(L.LightningModule):
         direction = torch.randn(base.shape, generator=gen, dtype=torch.float64).to(like.dtype)
         finals = [traj.final.params]
         for k in (1, 2):
-            weights, state = base + k * h * direction, start
-            for batch in traj.batches:
-                batch = {key: v.to(like.device) for key, v in batch.items()}
-                w = batch_weights(
-                    weights, batch["example_id"], batch["input_ids"].shape[1],
-                    self.granularity, like,
-                )  # fmt: skip
-                state, _ = self.step_fn.step(state, batch, w)
+            state = replay(self.step_fn, traj, start, traj.num_steps, base + k * h * direction)
             finals.append(state.params)
         flat = [torch.cat([p.detach().reshape(-1) for p in f.values()]) for f in finals]
         score = metasmoothness_score(*flat)
@@ -445,17 +359,29 @@ class MagicModule(L.LightningModule):
         return score
 
     def load_trajectory(self, directory: str | Path) -> None:
-        """Reopen a forward run saved with ``checkpoint_dir`` (e.g. to resume in a new process)."""
+        """Reopen a finished forward run saved with ``checkpoint_dir`` (e.g. to attribute in
+        a new process; after a data-parallel fit, one rank's ``rank_<r>`` directory)."""
         self.trajectory = Trajectory.load(directory, like=self.step_fn.init_state())
+
+    def _num_examples(self) -> int:
+        """``N``: ``num_examples``, else one more than the largest recorded ``example_id``."""
+        if self.num_examples is not None:
+            return self.num_examples
+        assert self.trajectory is not None
+        num = 1 + max(int(b["example_id"].max()) for step in self.trajectory.batches for b in step)
+        group = self.step_fn.group
+        return num if group is None else group.max_int(num)
 
     @property
     def data_order(self) -> str:
-        """Hash of the example ids of every step, to check that retrains saw the same order."""
+        """Hash of the example ids of every step (this rank's), to check that retrains saw
+        the same order."""
         if self.trajectory is None:
             return ""
         digest = hashlib.sha256()
-        for batch in self.trajectory.batches:
-            digest.update(batch["example_id"].cpu().numpy().tobytes() + b"|")
+        for step in self.trajectory.batches:
+            ids = b"".join(b["example_id"].cpu().numpy().tobytes() for b in step)
+            digest.update(ids + b"|")
         return digest.hexdigest()[:16]
 
     def write_scores(self, path: str | Path, scores: Tensor) -> Path:

@@ -6,8 +6,10 @@ collect ``dL/dw += a_{t+1} . d step / d w``, for ``t = T-1 .. 0``, starting from
 ``a_T = (dL_query/dtheta_T, 0)``. Each vector-Jacobian product is a double backward
 (``torch.autograd.grad`` through a step traced with ``create_graph=True``); state ``t`` is
 recomputed by replaying from the nearest kept state (see
-:func:`~lightning_bergson.magic.functional.checkpoint_steps`). One replay serves every
-query: the step is traced once and differentiated once per query adjoint.
+:func:`~lightning_bergson.magic.functional.checkpoint_steps`; the VJP itself is
+:func:`~lightning_bergson.magic.vjp.vjp_step`). One replay serves every query: the step is
+traced once and differentiated once per query adjoint. Under data parallelism every rank
+walks its own shard of the same steps in lockstep, and the scores are summed at the end.
 
 The pass is resumable: with ``state_path`` the adjoints, the scores so far and the next step
 are written every ``save_every`` steps to one safetensors file whose header holds the JSON
@@ -33,11 +35,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from .distributed import DataParallel
 from .functional import batch_weights, replay_keep_next
 from .step import FunctionalTrainer, TrainState
 from .trajectory import Trajectory
+from .vjp import query_gradients, vjp_step
 
-__all__ = ["ReverseState", "metagradients", "query_gradients", "vjp_step"]
+__all__ = ["ReverseState", "metagradients", "query_gradients", "replay", "step_inputs", "vjp_step"]
 
 _FORMAT = "lightning_bergson.magic.reverse_state"
 
@@ -101,84 +105,6 @@ def _to(batch: Mapping[str, Tensor], device: torch.device) -> dict[str, Tensor]:
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def query_gradients(
-    trainer: FunctionalTrainer,
-    params: Mapping[str, Tensor],
-    batch: Mapping[str, Tensor],
-    *,
-    per_query: bool,
-) -> list[list[Tensor]]:
-    """Gradients of the query losses at ``params``, one list (parameter order) per query.
-
-    ``per_query=True``: query ``q``'s loss is its mean token loss; otherwise one aggregate
-    loss, the mean over every supervised token of the batch.
-    """
-    names = list(params)
-    leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
-    with torch.enable_grad():
-        losses = trainer.query_losses(leaves, batch, per_query=per_query)  # (Q,) or (1,)
-        grads = []
-        for q in range(len(losses)):
-            g = torch.autograd.grad(
-                losses[q],
-                [leaves[k] for k in names],
-                retain_graph=q < len(losses) - 1,
-                allow_unused=True,
-            )
-            grads.append(
-                [
-                    torch.zeros_like(leaves[k]) if x is None else x
-                    for k, x in zip(names, g, strict=True)
-                ]
-            )
-    return grads
-
-
-def vjp_step(
-    trainer: FunctionalTrainer,
-    state: TrainState,
-    batch: Mapping[str, Tensor],
-    weights: Tensor,
-    adjoints: list[list[Tensor]],
-) -> tuple[list[list[Tensor]], Tensor]:
-    """Pull every query's adjoint back through one training step (double backward).
-
-    Args:
-        trainer: The step function.
-        state: State ``t`` (before the step).
-        batch: Batch ``t`` on the parameters' device.
-        weights: ``[B]`` or ``[B, S]`` weights of the batch.
-        adjoints: Per query, the adjoint of state ``t + 1`` (parameters, float optimizer leaves).
-
-    Returns:
-        ``(adjoints of state t, dL/dw of the batch [Q, B] or [Q, B, S])``.
-    """
-    params = {k: v.detach().requires_grad_() for k, v in state.params.items()}
-    leaves = [
-        t.detach().requires_grad_() if t.is_floating_point() else t for t in state.opt_leaves()
-    ]
-    floats = [t for t in leaves if t.is_floating_point()]
-    w = weights.detach().requires_grad_()
-    traced = TrainState(params, state.with_opt_leaves(leaves), state.rng, state.step)
-    new, _ = trainer.step(traced, batch, w, trace=True)
-    outs = list(new.params.values()) + [t for t in new.opt_leaves() if t.is_floating_point()]
-    ins = [*params.values(), *floats, w]
-    pulled, w_grads = [], []
-    for q, adj in enumerate(adjoints):
-        pairs = [(o, a) for o, a in zip(outs, adj, strict=True) if o.requires_grad]
-        grads = torch.autograd.grad(
-            [o for o, _ in pairs],
-            ins,
-            grad_outputs=[a for _, a in pairs],
-            retain_graph=q < len(adjoints) - 1,
-            allow_unused=True,
-        )
-        grads = [torch.zeros_like(x) if g is None else g for x, g in zip(ins, grads, strict=True)]
-        pulled.append([g.detach() for g in grads[:-1]])
-        w_grads.append(grads[-1].detach())
-    return pulled, torch.stack(w_grads)  # (Q, B) or (Q, B, S)
-
-
 def _fingerprint(
     trainer: FunctionalTrainer,
     traj: Trajectory,
@@ -211,6 +137,9 @@ def metagradients(
 ) -> Tensor:
     """``dL_query/dw`` of every training example (or token) through the recorded training.
 
+    Under data parallelism (``trainer.group``) every rank calls this with its own trajectory
+    (its shards of every step) and gets the full scores, summed over ranks.
+
     Args:
         trainer: The step function the forward training used.
         traj: The finished forward trajectory.
@@ -220,7 +149,8 @@ def metagradients(
         per_query: One score row per query, or one row for the aggregate query loss.
         seq_len: ``S`` of per-token scores (default: the longest training batch).
         state_path: Save the reverse state there every ``save_every`` steps and resume from
-            it if it exists (removed when the pass finishes).
+            it if it exists (removed when the pass finishes); under data parallelism each
+            rank uses its own file, ``<stem>.rank<r><suffix>``.
         save_every: Steps between saves (0: never).
 
     Returns:
@@ -228,19 +158,48 @@ def metagradients(
     """
     if traj.final is None:
         raise RuntimeError("the trajectory is not finished; train (fit) before attributing")
+    group = trainer.group
+    if group is not None:
+        group.same_int(traj.num_steps, "the number of recorded steps")
     final = traj.final
     device = next(iter(final.params.values())).device
     query = _to(query, device)
     num_q = len(query["input_ids"]) if per_query else 1
     shape: tuple[int, ...] = (num_q, num_examples)
     if trainer.granularity == "token":
-        longest = max(b["input_ids"].shape[1] for b in traj.batches)
+        longest = max(b["input_ids"].shape[1] for step in traj.batches for b in step)
+        longest = longest if group is None else group.max_int(longest)
         shape = (
             *shape,
             seq_len or (data_weights.shape[1] if data_weights is not None else longest),
         )
     fingerprint = _fingerprint(trainer, traj, query, per_query, data_weights, shape)
-    path = Path(state_path) if state_path is not None else None
+    path = _rank_path(state_path, group)
+    rs = _start(trainer, final, query, per_query, shape, fingerprint, path, device)
+    _run(trainer, traj, rs, data_weights, device, path, save_every)
+    if path is not None and path.is_file():
+        path.unlink()
+    return rs.scores if group is None else group.sum([rs.scores])[0]
+
+
+def _rank_path(state_path: str | Path | None, group: DataParallel | None) -> Path | None:
+    if state_path is None:
+        return None
+    path = Path(state_path)
+    return path if group is None else path.with_name(f"{path.stem}.rank{group.rank}{path.suffix}")
+
+
+def _start(
+    trainer: FunctionalTrainer,
+    final: TrainState,
+    query: Mapping[str, Tensor],
+    per_query: bool,
+    shape: tuple[int, ...],
+    fingerprint: str,
+    path: Path | None,
+    device: torch.device,
+) -> ReverseState:
+    """The saved reverse state at ``path`` if there is one, else the state at step ``T``."""
     if path is not None and path.is_file():
         rs = ReverseState.load(path, device)
         if rs.fingerprint != fingerprint:
@@ -248,19 +207,48 @@ def metagradients(
                 f"the reverse state at {path} belongs to another run (fingerprint "
                 f"{rs.fingerprint} != {fingerprint}); delete it or pass another state_path"
             )
-    else:
-        leaves = [t for t in final.opt_leaves() if t.is_floating_point()]
-        adjoints = [
-            [*g, *(torch.zeros_like(t) for t in leaves)]
-            for g in query_gradients(trainer, final.params, query, per_query=per_query)
-        ]
-        dtype = next(iter(final.params.values())).dtype
-        scores = torch.zeros(shape, dtype=dtype, device=device)
-        rs = ReverseState(traj.num_steps - 1, adjoints, scores, fingerprint)
-    _run(trainer, traj, rs, data_weights, device, path, save_every)
-    if path is not None and path.is_file():
-        path.unlink()
-    return rs.scores
+        return rs
+    leaves = [t for t in final.opt_leaves() if t.is_floating_point()]
+    adjoints = [
+        [*g, *(torch.zeros_like(t) for t in leaves)]
+        for g in query_gradients(trainer, final.params, query, per_query=per_query)
+    ]
+    dtype = next(iter(final.params.values())).dtype
+    scores = torch.zeros(shape, dtype=dtype, device=device)
+    return ReverseState(final.step - 1, adjoints, scores, fingerprint)
+
+
+def step_inputs(
+    trainer: FunctionalTrainer,
+    traj: Trajectory,
+    t: int,
+    data_weights: Tensor | None,
+    like: Tensor,
+) -> tuple[list[dict[str, Tensor]], list[Tensor], int]:
+    """Step ``t``'s micro-batches (on ``like``'s device), their weights and token count."""
+    batches = [_to(b, like.device) for b in traj.batches[t]]
+    weights = [
+        batch_weights(
+            data_weights, b["example_id"], b["input_ids"].shape[1], trainer.granularity, like
+        )
+        for b in batches
+    ]
+    return batches, weights, traj.tokens[t]
+
+
+def replay(
+    trainer: FunctionalTrainer,
+    traj: Trajectory,
+    state: TrainState,
+    end: int,
+    data_weights: Tensor | None = None,
+) -> TrainState:
+    """Train from ``state`` over the recorded steps ``state.step .. end - 1``."""
+    like = next(iter(state.params.values()))
+    for t in range(state.step, end):
+        batches, weights, tokens = step_inputs(trainer, traj, t, data_weights, like)
+        state, _ = trainer.step(state, batches, weights, num_tokens=tokens)
+    return state
 
 
 def _run(
@@ -275,16 +263,8 @@ def _run(
     """Walk ``rs`` from ``rs.next_step`` down to step 0, replaying states from kept ones."""
     like = next(iter(traj.final.params.values()))  # type: ignore[union-attr]
 
-    def inputs(t: int) -> tuple[dict[str, Tensor], Tensor]:
-        batch = _to(traj.batches[t], device)
-        w = batch_weights(
-            data_weights,
-            batch["example_id"],
-            batch["input_ids"].shape[1],
-            trainer.granularity,
-            like,
-        )
-        return batch, w
+    def inputs(t: int) -> tuple[list[dict[str, Tensor]], list[Tensor], int]:
+        return step_inputs(trainer, traj, t, data_weights, like)
 
     stack: list[tuple[int, TrainState | None]] = [
         (t, None) for t in traj.kept_steps if t <= rs.next_step
@@ -299,16 +279,17 @@ def _run(
             stack.pop()
         keep = replay_keep_next(idx, target, traj.schedule)
         while idx < target:  # recompute state `target`, keeping what later targets need
-            state, _ = trainer.step(state, *inputs(idx))
+            batches, ws, tokens = inputs(idx)
+            state, _ = trainer.step(state, batches, ws, num_tokens=tokens)
             idx += 1
             if idx == keep and idx < target:
                 stack.append((idx, state))
                 keep = replay_keep_next(idx, target, traj.schedule)
-        batch, w = inputs(target)
-        rs.adjoints, w_grad = vjp_step(trainer, state, batch, w, rs.adjoints)
-        ids = batch["example_id"]
-        view = rs.scores if w_grad.ndim == 2 else rs.scores[:, :, : w_grad.shape[2]]
-        view.index_add_(1, ids, w_grad.to(rs.scores.dtype))  # (Q, N[, S]) += (Q, B[, S])
+        batches, ws, tokens = inputs(target)
+        rs.adjoints, w_grads = vjp_step(trainer, state, batches, ws, tokens, rs.adjoints)
+        for batch, w_grad in zip(batches, w_grads, strict=True):
+            view = rs.scores if w_grad.ndim == 2 else rs.scores[:, :, : w_grad.shape[2]]
+            view.index_add_(1, batch["example_id"], w_grad.to(rs.scores.dtype))  # (Q, N[, S])
         rs.next_step = target - 1
         done += 1
         if path is not None and save_every > 0 and done % save_every == 0:

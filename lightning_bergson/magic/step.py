@@ -1,12 +1,13 @@
-"""One differentiable training step: ``state_{t+1} = step(state_t, batch_t, w)``.
+"""One differentiable training step: ``state_{t+1} = step(state_t, batches_t, w)``.
 
 The forward training, the replays of the reverse pass and every retrain (finite differences,
-LDS) run this same step, built from the pure pieces of :mod:`.functional`.
+LDS) run this same step, built from the pure pieces of :mod:`.functional`. A step takes the
+micro-batches of one optimizer step on this rank (one batch without gradient accumulation).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,16 +19,18 @@ from torch.func import functional_call
 from torchopt.pytree import tree_flatten, tree_unflatten
 
 from ..batch import causal_lm_labels
+from .distributed import DataParallel
 from .functional import (
     Granularity,
     OptimizerConfig,
     clip_by_global_norm,
     example_losses,
     make_optimizer,
+    step_tokens,
     weighted_lm_loss,
 )
 
-__all__ = ["FunctionalTrainer", "TrainState", "step_dtype", "training_mode"]
+__all__ = ["FunctionalTrainer", "TrainState", "as_micro_batches", "step_dtype", "training_mode"]
 
 
 @dataclass
@@ -66,13 +69,22 @@ class FunctionalTrainer:
     """One differentiable training step of a model: ``state_{t+1} = step(state_t, batch_t, w)``.
 
     The same object runs the forward training, the replays of the reverse pass and the
-    retrains of finite differences and LDS, so all of them follow one code path.
+    retrains of finite differences and LDS, so all of them follow one code path. A step is
+    three parts, which the reverse pass differentiates one at a time
+    (:func:`~lightning_bergson.magic.reverse.vjp_step`):
+
+    1. :meth:`gradient`: the gradient of the step's weighted loss on this rank's batches
+       (several micro-batches under gradient accumulation, each normalized by the step's
+       token count, see :mod:`.functional`);
+    2. :meth:`reduce`: its sum over ranks (data parallel; nothing on one process);
+    3. :meth:`update`: clipping and the optimizer update.
 
     Args:
         model: The network, called with ``torch.func.functional_call`` on the state's
             parameters (its own parameters are not read during steps).
         optimizer: The optimizer configuration.
         granularity: ``"example"`` or ``"token"`` weights.
+        group: The data-parallel group (``None``: one process).
 
     Example:
         >>> from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
@@ -87,7 +99,12 @@ class FunctionalTrainer:
     """
 
     def __init__(
-        self, model: nn.Module, optimizer: OptimizerConfig, granularity: Granularity = "example"
+        self,
+        model: nn.Module,
+        optimizer: OptimizerConfig,
+        granularity: Granularity = "example",
+        *,
+        group: DataParallel | None = None,
     ) -> None:
         if granularity not in ("example", "token"):
             raise ValueError(f"weight_granularity={granularity!r} is not one of 'example', 'token'")
@@ -95,6 +112,7 @@ class FunctionalTrainer:
         self.config = optimizer
         self.optimizer = make_optimizer(optimizer)
         self.granularity: Granularity = granularity
+        self.group = group
 
     def init_state(self, rng: Tensor | None = None) -> TrainState:
         """State 0 from the model's current trainable parameters (detached copies)."""
@@ -128,59 +146,123 @@ class FunctionalTrainer:
             example_losses(logits, labels) if per_query else weighted_lm_loss(logits, labels)[None]
         )
 
-    def step(
-        self,
-        state: TrainState,
-        batch: Mapping[str, Tensor],
-        weights: Tensor,
-        *,
-        trace: bool = False,
-    ) -> tuple[TrainState, Tensor]:
-        """One optimizer step on ``batch`` with data ``weights``.
+    @contextmanager
+    def context(self, state: TrainState) -> Iterator[None]:
+        """What a step runs in: train mode, its dtype, and the CPU RNG at ``state.rng``.
 
-        Args:
-            state: The state before the step. With ``trace=True`` its tensors (and ``weights``)
-                are the leaves the caller differentiates with respect to.
-            batch: ``input_ids``, ``labels`` (and ``attention_mask``).
-            weights: ``[B]`` or ``[B, S]`` (see :func:`batch_weights`).
-            trace: Keep the autograd graph (double backward) instead of detaching.
-
-        Returns:
-            ``(state after the step, detached training loss)``.
+        The caller's RNG is restored afterwards, so steps consume no caller randomness.
         """
-        names = list(state.params)
-        params = (
-            state.params
-            if trace
-            else {k: v.detach().requires_grad_() for k, v in state.params.items()}
-        )
         with (
             torch.enable_grad(),
             torch.random.fork_rng(devices=[]),
             training_mode(self.model, True),
-            step_dtype(params.values()),
+            step_dtype(state.params.values()),
         ):
             torch.set_rng_state(state.rng)
-            loss = weighted_lm_loss(self.logits(params, batch), _labels(batch), weights)
-            grads = torch.autograd.grad(
-                loss, [params[k] for k in names], create_graph=trace, allow_unused=True
+            yield
+
+    def gradient(
+        self,
+        params: Mapping[str, Tensor],
+        batches: Sequence[Mapping[str, Tensor]],
+        weights: Sequence[Tensor],
+        num_tokens: int,
+        *,
+        create_graph: bool = False,
+    ) -> tuple[list[Tensor], Tensor]:
+        """This rank's gradient of the step loss (parameter order) and its loss, summed over
+        ``batches`` (the micro-batches), each normalized by the step's ``num_tokens``.
+
+        Runs inside :meth:`context`; ``params`` must require grad.
+        """
+        names = list(params)
+        total: list[Tensor] | None = None
+        like = next(iter(params.values()))
+        loss_sum = torch.zeros((), dtype=like.dtype, device=like.device)
+        for batch, w in zip(batches, weights, strict=True):
+            loss = weighted_lm_loss(
+                self.logits(params, batch), _labels(batch), w, num_tokens=num_tokens
             )
-            rng = torch.get_rng_state()
-            grad_list = [
+            grads = torch.autograd.grad(
+                loss, [params[k] for k in names], create_graph=create_graph, allow_unused=True
+            )
+            grads = [
                 torch.zeros_like(params[k]) if g is None else g
                 for k, g in zip(names, grads, strict=True)
             ]
-            if self.config.max_grad_norm is not None:
-                grad_list = clip_by_global_norm(grad_list, self.config.max_grad_norm)
-            updates, opt_state = self.optimizer.update(
-                dict(zip(names, grad_list, strict=True)),
-                state.opt_state,
-                params=params,
-                inplace=False,
-            )
-            new_params = torchopt.apply_updates(params, updates, inplace=False)
-        new = TrainState(dict(new_params), opt_state, rng, state.step + 1)
-        return (new if trace else new.detached()), loss.detach()
+            total = grads if total is None else [a + g for a, g in zip(total, grads, strict=True)]
+            loss_sum = loss_sum + loss.detach()
+        assert total is not None, "a step has at least one batch"
+        return total, loss_sum
+
+    def reduce(self, tensors: list[Tensor]) -> list[Tensor]:
+        """Sum over the data-parallel ranks (identity on one process)."""
+        return tensors if self.group is None else self.group.sum(tensors)
+
+    def update(
+        self, params: Mapping[str, Tensor], opt_state: Any, grads: list[Tensor]
+    ) -> tuple[dict[str, Tensor], Any]:
+        """Clip ``grads`` (parameter order) and apply the optimizer: new params, opt state."""
+        names = list(params)
+        if self.config.max_grad_norm is not None:
+            grads = clip_by_global_norm(grads, self.config.max_grad_norm)
+        updates, new_opt = self.optimizer.update(
+            dict(zip(names, grads, strict=True)), opt_state, params=params, inplace=False
+        )
+        return dict(torchopt.apply_updates(params, updates, inplace=False)), new_opt
+
+    def step(
+        self,
+        state: TrainState,
+        batches: Mapping[str, Tensor] | Sequence[Mapping[str, Tensor]],
+        weights: Tensor | Sequence[Tensor],
+        *,
+        num_tokens: int | None = None,
+    ) -> tuple[TrainState, Tensor]:
+        """One optimizer step on a batch (or the micro-batches of one step) with data weights.
+
+        Args:
+            state: The state before the step.
+            batches: ``input_ids``, ``labels`` (and ``attention_mask``): one batch, or this
+                rank's micro-batches of the step.
+            weights: ``[B]`` or ``[B, S]`` (see :func:`batch_weights`), one per batch.
+            num_tokens: Supervised tokens of the whole step (all micro-batches and ranks);
+                default: those of ``batches`` (one process).
+
+        Returns:
+            ``(state after the step, detached training loss of the step)``.
+        """
+        batches, weights = as_micro_batches(batches, weights)
+        if num_tokens is None:
+            num_tokens = step_tokens(batches)
+        params = {k: v.detach().requires_grad_() for k, v in state.params.items()}
+        with self.context(state):
+            grads, loss = self.gradient(params, batches, weights, num_tokens)
+            rng = torch.get_rng_state()
+        *grads, loss = self.reduce([*grads, loss])
+        with torch.no_grad(), step_dtype(params.values()):
+            new_params, opt_state = self.update(_detached(params), state.opt_state, grads)
+        return TrainState(new_params, opt_state, rng, state.step + 1), loss
+
+
+def as_micro_batches(
+    batches: Mapping[str, Tensor] | Sequence[Mapping[str, Tensor]],
+    weights: Tensor | Sequence[Tensor],
+) -> tuple[list[Mapping[str, Tensor]], list[Tensor]]:
+    """``(micro-batches, weights)`` as lists, from one batch or a step's micro-batches."""
+    if isinstance(batches, Mapping):
+        batches, weights = [batches], [weights]  # type: ignore[list-item]
+    batches, weights = list(batches), list(weights)  # type: ignore[arg-type]
+    if not batches or len(batches) != len(weights):
+        raise ValueError(
+            f"a step needs at least one batch and one weight tensor per batch; got "
+            f"{len(batches)} batches and {len(weights)} weight tensors"
+        )
+    return batches, weights
+
+
+def _detached(params: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    return {k: v.detach() for k, v in params.items()}
 
 
 @contextmanager
