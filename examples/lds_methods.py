@@ -112,14 +112,15 @@ def trajectory_store(
             after = traj.state(t + 1) if t + 1 < traj.num_steps else traj.final
             net.load_state_dict(traj.state(t).params, strict=False)
             collector.set_normalizers(adam_normalizers(mm, after, collector.modules))
-            batch = traj.batches[t]
-            with collector:
-                logits = net(
-                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-                ).logits
-                torch.autograd.grad(summed_losses(logits, batch["labels"]).sum(), weights)
-            rows = torch.cat([blocks[b.name] for b in layout], dim=1)  # (B, D)
-            w.append(rows, example_id=batch["example_id"], step=t, epoch=t // steps_per_epoch)
+            for batch in traj.batches[t]:  # the step's micro-batches
+                with collector:
+                    logits = net(
+                        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+                    ).logits
+                    torch.autograd.grad(summed_losses(logits, batch["labels"]).sum(), weights)
+                rows = torch.cat([blocks[b.name] for b in layout], dim=1)  # (B, D)
+                epoch = t // steps_per_epoch
+                w.append(rows, example_id=batch["example_id"], step=t, epoch=epoch)
     final = adam_normalizers(mm, traj.final, collector.modules)
     (path / "normalizers").mkdir(exist_ok=True)
     save_normalizers(path / "normalizers" / "normalizers.safetensors", final)

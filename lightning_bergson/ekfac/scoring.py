@@ -14,7 +14,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from ..scores import write_scores
+from ..scores import ScoreSettings, write_scores
 from ..store import GradientStore
 from .influence import EkfacPreconditioner, iter_loader_gradients, iter_store_gradients
 from .influence import pairwise_influence as _pairwise
@@ -109,6 +109,12 @@ class ScoringMixin:
                 "factors_dir": str(self.factors_dir),
                 "sign": "positive = training on the example lowers the query loss",
             }
+            damped = f"{'relative ' if relative_damping else ''}damping {damping:g}"
+            settings = ScoreSettings(
+                store=None if store is None else str(getattr(store, "path", store)),
+                preconditioner=f"{method} inverse Fisher ({damped}; factors {self.factors_dir})",
+                columns="examples",
+            )
             write_scores(
                 out,
                 scores,
@@ -117,6 +123,7 @@ class ScoringMixin:
                 convention="influence",
                 query_ids=query_ids,
                 metadata=meta,
+                settings=settings,
                 overwrite=overwrite,
             )
         return scores

@@ -79,6 +79,7 @@ def test_ekfac_scores_report_their_top_influences(tmp_path):
     ids = train["example_id"].tolist()
     report(str(tmp_path / "ek.zarr"), str(tmp_path / "rep"), top_k=3, texts=_texts(tmp_path, ids))
     md = (tmp_path / "rep" / "report.md").read_text()
+    assert "- **preconditioner**: ekfac inverse Fisher (relative damping 0.1; factors" in md
     top = top_influences(torch.as_tensor(scores), k=3, example_ids=torch.tensor(sorted(ids)))
     for q, section in enumerate(md.split("## Query")[1:]):
         assert _table_ids(section, "**Top (most helpful)**") == top.positive_ids[q].tolist()
