@@ -18,7 +18,9 @@ import torch
 
 from lightning_bergson.attribution import Attributor
 from lightning_bergson.attribution.reading import iter_rows
+from lightning_bergson.attribution.score_writer import write_score_array
 from lightning_bergson.cli.verify import verify_main
+from lightning_bergson.scores import ScoreArray
 from lightning_bergson.store import (
     GradientStore,
     GradientStoreWriter,
@@ -102,6 +104,13 @@ def test_damaged_gradient_chunk_is_refused_by_every_reader(pristine, tmp_path, h
         Attributor(path).scores(torch.ones(2, DIM))
     with pytest.raises(StoreIntegrityError, match=_named(1)):
         Attributor(path).search(torch.ones(1, DIM), k=3)
+    for reduce in ("none", "mean"):  # what the ``score`` command runs: streamed and reduced
+        out = tmp_path / f"scores-{reduce}.zarr"
+        with pytest.raises(StoreIntegrityError, match=_named(1)):
+            write_score_array(Attributor(path, example_reduce=reduce), torch.ones(2, DIM), out)
+        if out.exists():  # a partly written score array must not read as scores
+            with pytest.raises(ValueError, match="incomplete"):
+                ScoreArray.open(out)
     report = verify_store(path, progress=False)
     assert not report.ok
     assert [(d.array, d.chunk, d.rows) for d in report.damage] == [("gradients", 1, (8, 16))]
