@@ -4,9 +4,7 @@
 :func:`pull_step` pulls the adjoints of the state after the step back to the state before it
 and to the step's data weights: the update's VJP in closed form
 (:class:`~lightning_bergson.magic.optim.FunctionalOptimizer`), then a double backward
-through the gradient. :func:`vjp_step` is the two in a row. A traced step also gives the
-state after it (:func:`next_state`, bitwise what :meth:`FunctionalTrainer.step` gives), so
-the reverse pass can keep the steps it replays traced instead of tracing them again.
+through the gradient. :func:`vjp_step` is the two in a row.
 :func:`query_gradients` gives the adjoints the reverse pass starts from.
 """
 
@@ -18,9 +16,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .step import FunctionalTrainer, TrainState, step_dtype
+from .step import FunctionalTrainer, TrainState
 
-__all__ = ["TracedStep", "next_state", "pull_step", "query_gradients", "trace_step", "vjp_step"]
+__all__ = ["TracedStep", "pull_step", "query_gradients", "trace_step", "vjp_step"]
 
 
 def query_gradients(
@@ -70,7 +68,6 @@ class TracedStep:
             (with several, :func:`pull_step` re-traces one at a time).
         rngs: The RNG state each micro-batch started from.
         grads: The step gradient summed over ranks (detached).
-        rng_after: The RNG state after the step.
     """
 
     state: TrainState
@@ -81,7 +78,6 @@ class TracedStep:
     traced: list[Tensor]
     rngs: list[Tensor]
     grads: list[Tensor]
-    rng_after: Tensor
 
 
 def trace_step(
@@ -94,17 +90,9 @@ def trace_step(
     """Step ``t``'s gradient with its graph to the parameters and the data weights."""
     params = {k: v.detach().requires_grad_() for k, v in state.params.items()}
     ws = [w.detach().requires_grad_() for w in weights]
-    traced, rngs, rng_after = _step_gradient(trainer, state, params, batches, ws, num_tokens)
+    traced, rngs = _step_gradient(trainer, state, params, batches, ws, num_tokens)
     grads = trainer.reduce([g.detach() for g in traced])
-    return TracedStep(state, params, batches, ws, num_tokens, traced, rngs, grads, rng_after)
-
-
-def next_state(trainer: FunctionalTrainer, step: TracedStep) -> TrainState:
-    """The state after a traced step (the update of its gradient; no graph)."""
-    params = {k: v.detach() for k, v in step.params.items()}
-    with torch.no_grad(), step_dtype(params.values()):
-        new_params, opt_state = trainer.update(params, step.state.opt_state, step.grads)
-    return TrainState(new_params, opt_state, step.rng_after, step.state.step + 1)
+    return TracedStep(state, params, batches, ws, num_tokens, traced, rngs, grads)
 
 
 def vjp_step(
@@ -190,9 +178,9 @@ def _step_gradient(
     weights: Sequence[Tensor],
     num_tokens: int,
     rng: Tensor | None = None,
-) -> tuple[list[Tensor], list[Tensor], Tensor]:
-    """This rank's step gradient (traced when there is one micro-batch), the RNG state each
-    micro-batch started from and the one after; ``rng`` starts elsewhere than ``state.rng``."""
+) -> tuple[list[Tensor], list[Tensor]]:
+    """This rank's step gradient (traced when there is one micro-batch) and the RNG state each
+    micro-batch started from; ``rng`` starts elsewhere than ``state.rng``."""
     one = len(batches) == 1
     rngs, total = [], None
     with trainer.context(state):
@@ -202,9 +190,8 @@ def _step_gradient(
             rngs.append(torch.get_rng_state())
             g, _ = trainer.gradient(params, [batch], [w], num_tokens, create_graph=one)
             total = g if total is None else [a + b for a, b in zip(total, g, strict=True)]
-        after = torch.get_rng_state()
     assert total is not None, "a step has at least one batch"
-    return total, rngs, after
+    return total, rngs
 
 
 def _pull(
