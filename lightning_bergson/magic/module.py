@@ -63,7 +63,7 @@ _PRECONDITIONER = "none (exact metagradients)"  # what a MAGIC score array state
 class MagicModule(ForwardFit):
     """MAGIC: exact metagradients of a query loss w.r.t. every training example's weight.
 
-    ``fit`` trains with a functional optimizer (torchopt, manual optimization) on the loss
+    ``fit`` trains with a functional optimizer (:mod:`.optim`, manual optimization) on the loss
     ``sum_i w_i L_i / n`` (see :mod:`lightning_bergson.magic.functional`), records every batch
     and keeps (parameters, optimizer state, RNG state) on ``checkpoint_schedule``.
     :meth:`attribute` then runs the reverse pass. The same module with ``data_weights``

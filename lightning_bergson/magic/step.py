@@ -263,7 +263,8 @@ def step_dtype(params: Iterable[Tensor]) -> Iterator[None]:
     """Fix the default dtype for a step: float64 if any parameter is float64, else float32.
 
     Tensors a step creates without a dtype follow the default dtype; torchopt's Adam bias
-    correction ``1 - beta ** count`` is one (``count`` is an integer tensor). Lightning
+    correction ``1 - beta ** count`` was one (the update is now :mod:`.optim`, whose bias
+    correction is a Python float, but the model's own forward creates such tensors too). Lightning
     changes the default inside ``training_step`` (``precision="64-true"`` makes it float64,
     ``"bf16-true"`` bfloat16), but the reverse pass and retrains run outside it, so without
     this the replayed steps would differ from the recorded ones (in float32,
