@@ -78,11 +78,12 @@ class FunctionalOptimizer:
 
     Example:
         >>> opt = FunctionalOptimizer(OptimizerConfig("sgd", lr=0.5, momentum=0.9))
-        >>> params = {"w": torch.ones(2)}
+        >>> params = {"w": torch.ones(2, dtype=torch.float64)}
         >>> state = opt.init(params)
-        >>> new, state = opt.update(params, state, [torch.ones(2)])
-        >>> new["w"].tolist(), opt.update(new, state, [torch.ones(2)])[0]["w"].tolist()
-        ([0.5, 0.5], [-0.45, -0.45])
+        >>> new, state = opt.update(params, state, [torch.ones(2, dtype=torch.float64)])
+        >>> new, _ = opt.update(new, state, [torch.ones(2, dtype=torch.float64)])
+        >>> new["w"]  # 1 - 0.5 * 1, then 0.5 - 0.5 * (0.9 * 1 + 1)
+        tensor([-0.4500, -0.4500], dtype=torch.float64)
     """
 
     def __init__(self, config: OptimizerConfig) -> None:
