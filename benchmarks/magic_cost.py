@@ -1,10 +1,10 @@
 """MAGIC cost in units of a plain training run on the same data (Bergson quotes 3-5 runs).
 
 Plain run: ``CausalLMModule`` (``torch.optim.AdamW``) ``fit``. MAGIC: ``MagicModule`` ``fit``
-(functional torchopt AdamW, checkpoints kept on the ``sqrt`` schedule), then the reverse pass
-for one aggregate query and for ``--queries`` per-query rows. Same model, data order, seed.
-Every measurement runs in a fresh subprocess, alternating plain and MAGIC ``--repeats``
-times; the median is reported.
+(the functional AdamW of ``magic/optim.py``, checkpoints kept on the ``sqrt`` schedule), then
+the reverse pass for one aggregate query and for ``--queries`` per-query rows. Same model,
+data order, seed. Every measurement runs in a fresh subprocess, alternating plain and MAGIC
+``--repeats`` times; the median is reported.
 
 Time: wall seconds and CPU seconds (user + system of the run's process, less sensitive to
 other jobs on a shared machine), with ``--threads`` torch threads on both sides.

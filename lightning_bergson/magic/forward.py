@@ -95,7 +95,7 @@ class ForwardFit(L.LightningModule):
 
     @override
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        """A :class:`~.loop.StepCounter`: the torchopt transformation lives in :attr:`step_fn`."""
+        """A :class:`~.loop.StepCounter`: the functional optimizer lives in :attr:`step_fn`."""
         return loop.StepCounter()
 
     @override

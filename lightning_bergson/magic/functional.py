@@ -1,7 +1,7 @@
 """Training as a pure, differentiable function of per-example (or per-token) data weights.
 
 Everything here is plain torch (no Lightning): the weighted loss, gradient clipping, the
-functional optimizer step through torchopt (``inplace=False``, never its accelerated C ops)
+optimizer settings (the update itself is :mod:`.optim`; torchopt builds its initial state)
 and the checkpoint schedules of the MAGIC reverse pass; :mod:`.step` composes them into one
 training step.
 

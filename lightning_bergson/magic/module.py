@@ -40,8 +40,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from typing_extensions import override
 
-from ..models import _build_network
-from ..scores import write_scores
+from ..networks import build_network, can_build_now, vocab_from_datamodule
+from ..scores import ScoreSettings, write_scores
 from .forward import ForwardFit, force_eager_attention
 from .functional import (
     DEFAULT_EPS_ROOT,
@@ -57,11 +57,13 @@ from .trajectory import Trajectory
 
 __all__ = ["MagicModule", "force_eager_attention"]
 
+_PRECONDITIONER = "none (exact metagradients)"  # what a MAGIC score array states
+
 
 class MagicModule(ForwardFit):
     """MAGIC: exact metagradients of a query loss w.r.t. every training example's weight.
 
-    ``fit`` trains with a functional optimizer (torchopt, manual optimization) on the loss
+    ``fit`` trains with a functional optimizer (:mod:`.optim`, manual optimization) on the loss
     ``sum_i w_i L_i / n`` (see :mod:`lightning_bergson.magic.functional`), records every batch
     and keeps (parameters, optimizer state, RNG state) on ``checkpoint_schedule``.
     :meth:`attribute` then runs the reverse pass. The same module with ``data_weights``
@@ -178,9 +180,9 @@ class MagicModule(ForwardFit):
         self._state = None
         self._pending: list[dict[str, Tensor]] = []  # micro-batches of the step in progress
         self._resume_record: dict[str, Any] | None = None
-        self._source = model
-        if model is not None or vocab_size is not None or "vocab_size" in dict(config or {}):
-            self._set_network(_build_network(model, config, vocab_size, "eager", seed))
+        self._source = None if isinstance(model, nn.Module) else model  # not a 2nd submodule
+        if can_build_now(model, config, vocab_size):
+            self._set_network(build_network(model, config, vocab_size, "eager", seed))
 
     def _set_network(self, net: nn.Module) -> None:
         force_eager_attention(net)
@@ -221,17 +223,9 @@ class MagicModule(ForwardFit):
             self.num_examples = len(datamodule.train_dataset)  # type: ignore[union-attr]
         if self.model is not None:
             return
-        vocab_size = getattr(datamodule, "vocab_size", None)
-        if vocab_size is None:
-            raise ValueError(
-                "MagicModule was given no vocab_size and the trainer has no data module with a"
-                " `vocab_size`; pass vocab_size=... or config={'vocab_size': ...}"
-            )
-        self.hparams.vocab_size = int(vocab_size)
+        vocab_size = vocab_from_datamodule(self, "MagicModule")
         hp = self.hparams
-        self._set_network(
-            _build_network(self._source, hp.config, int(vocab_size), "eager", hp.seed)
-        )
+        self._set_network(build_network(self._source, hp.config, vocab_size, "eager", hp.seed))
 
     @override
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
@@ -247,7 +241,7 @@ class MagicModule(ForwardFit):
         scores = self.attribute(batch, per_query=self.hparams.per_query)  # every rank
         scores = scores if self.hparams.per_query else scores[None]
         if self.trainer.is_global_zero:
-            path = self.write_scores(self.scores_path, scores)
+            path = self.write_scores(self.scores_path, scores, per_query=self.hparams.per_query)
             rank_zero_info(f"MAGIC scores {tuple(scores.shape)}: {Path(path).resolve()}")
 
     def default_query_batch(self) -> dict[str, Tensor]:
@@ -384,8 +378,15 @@ class MagicModule(ForwardFit):
             digest.update(ids + b"|")
         return digest.hexdigest()[:16]
 
-    def write_scores(self, path: str | Path, scores: Tensor) -> Path:
-        """Write ``[Q, N(, S)]`` scores as a ``convention="metagradient"`` score array."""
+    def write_scores(self, path: str | Path, scores: Tensor, *, per_query: bool = True) -> Path:
+        """Write ``[Q, N(, S)]`` scores as a ``convention="metagradient"`` score array.
+
+        Args:
+            path: Output directory (``*.zarr``).
+            scores: :meth:`attribute`'s scores; ``[1, N(, S)]`` for the aggregate query.
+            per_query: Whether the rows are the queries' own scores (``False``: one row for
+                the aggregate query loss, the token-weighted mean of the queries' rows).
+        """
         meta = {
             "units": "d(query mean token loss) / d(weight); negative = helpful",
             "weight_granularity": self.granularity,
@@ -394,7 +395,13 @@ class MagicModule(ForwardFit):
             "data_order": self.data_order,
             "queries": list(self.hparams.queries or []),
             "query_facts": list(self.hparams.query_facts or []),
+            "per_query": per_query,
         }
+        settings = ScoreSettings(
+            preconditioner=_PRECONDITIONER,
+            columns="examples",
+            query_reduce="none" if per_query else "token-weighted mean",
+        )
         ids = torch.arange(scores.shape[1])
         return write_scores(
             path,
@@ -403,5 +410,6 @@ class MagicModule(ForwardFit):
             method="magic",
             convention="metagradient",
             metadata=meta,
+            settings=settings,
             overwrite=True,
         )

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torchopt
 from torch import Tensor, nn
 from torch.func import functional_call
 from torchopt.pytree import tree_flatten, tree_unflatten
@@ -23,12 +22,11 @@ from .distributed import DataParallel
 from .functional import (
     Granularity,
     OptimizerConfig,
-    clip_by_global_norm,
     example_losses,
-    make_optimizer,
     step_tokens,
     weighted_lm_loss,
 )
+from .optim import FunctionalOptimizer
 
 __all__ = ["FunctionalTrainer", "TrainState", "as_micro_batches", "step_dtype", "training_mode"]
 
@@ -110,7 +108,7 @@ class FunctionalTrainer:
             raise ValueError(f"weight_granularity={granularity!r} is not one of 'example', 'token'")
         self.model = model
         self.config = optimizer
-        self.optimizer = make_optimizer(optimizer)
+        self.optimizer = FunctionalOptimizer(optimizer)
         self.granularity: Granularity = granularity
         self.group = group
 
@@ -202,14 +200,9 @@ class FunctionalTrainer:
     def update(
         self, params: Mapping[str, Tensor], opt_state: Any, grads: list[Tensor]
     ) -> tuple[dict[str, Tensor], Any]:
-        """Clip ``grads`` (parameter order) and apply the optimizer: new params, opt state."""
-        names = list(params)
-        if self.config.max_grad_norm is not None:
-            grads = clip_by_global_norm(grads, self.config.max_grad_norm)
-        updates, new_opt = self.optimizer.update(
-            dict(zip(names, grads, strict=True)), opt_state, params=params, inplace=False
-        )
-        return dict(torchopt.apply_updates(params, updates, inplace=False)), new_opt
+        """Clip ``grads`` (parameter order) and apply the optimizer: new params, opt state
+        (:class:`~lightning_bergson.magic.optim.FunctionalOptimizer`)."""
+        return self.optimizer.update(params, opt_state, grads)
 
     def step(
         self,
@@ -270,7 +263,8 @@ def step_dtype(params: Iterable[Tensor]) -> Iterator[None]:
     """Fix the default dtype for a step: float64 if any parameter is float64, else float32.
 
     Tensors a step creates without a dtype follow the default dtype; torchopt's Adam bias
-    correction ``1 - beta ** count`` is one (``count`` is an integer tensor). Lightning
+    correction ``1 - beta ** count`` was one (the update is now :mod:`.optim`, whose bias
+    correction is a Python float, but the model's own forward creates such tensors too). Lightning
     changes the default inside ``training_step`` (``precision="64-true"`` makes it float64,
     ``"bf16-true"`` bfloat16), but the reverse pass and retrains run outside it, so without
     this the replayed steps would differ from the recorded ones (in float32,

@@ -1,22 +1,24 @@
 """One reverse step of MAGIC: a vector-Jacobian product through one training step.
 
-:func:`vjp_step` pulls the adjoints of the state after step ``t`` back to the state before
-it and to the step's data weights, by double backward through the step of
-:class:`~lightning_bergson.magic.step.FunctionalTrainer` (gradient, cross-rank sum, update);
+:func:`trace_step` computes step ``t``'s gradient with its graph (``create_graph``), and
+:func:`pull_step` pulls the adjoints of the state after the step back to the state before it
+and to the step's data weights: the update's VJP in closed form
+(:class:`~lightning_bergson.magic.optim.FunctionalOptimizer`), then a double backward
+through the gradient. :func:`vjp_step` is the two in a row.
 :func:`query_gradients` gives the adjoints the reverse pass starts from.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torchopt.pytree import tree_flatten
 
-from .step import FunctionalTrainer, TrainState, step_dtype
+from .step import FunctionalTrainer, TrainState
 
-__all__ = ["query_gradients", "vjp_step"]
+__all__ = ["TracedStep", "pull_step", "query_gradients", "trace_step", "vjp_step"]
 
 
 def query_gradients(
@@ -52,6 +54,47 @@ def query_gradients(
     return grads
 
 
+@dataclass
+class TracedStep:
+    """Step ``t`` traced for its VJP (:func:`trace_step`).
+
+    Args:
+        state: State ``t`` (before the step).
+        params: Its parameters as the leaves of the traced graph.
+        batches: This rank's micro-batches of the step.
+        weights: Their weights, leaves of the graph.
+        num_tokens: Supervised tokens of the whole step.
+        traced: This rank's gradient, with its graph when the step has one micro-batch
+            (with several, :func:`pull_step` re-traces one at a time).
+        rngs: The RNG state each micro-batch started from.
+        grads: The step gradient summed over ranks (detached).
+    """
+
+    state: TrainState
+    params: dict[str, Tensor]
+    batches: Sequence[Mapping[str, Tensor]]
+    weights: list[Tensor]
+    num_tokens: int
+    traced: list[Tensor]
+    rngs: list[Tensor]
+    grads: list[Tensor]
+
+
+def trace_step(
+    trainer: FunctionalTrainer,
+    state: TrainState,
+    batches: Sequence[Mapping[str, Tensor]],
+    weights: Sequence[Tensor],
+    num_tokens: int,
+) -> TracedStep:
+    """Step ``t``'s gradient with its graph to the parameters and the data weights."""
+    params = {k: v.detach().requires_grad_() for k, v in state.params.items()}
+    ws = [w.detach().requires_grad_() for w in weights]
+    traced, rngs = _step_gradient(trainer, state, params, batches, ws, num_tokens)
+    grads = trainer.reduce([g.detach() for g in traced])
+    return TracedStep(state, params, batches, ws, num_tokens, traced, rngs, grads)
+
+
 def vjp_step(
     trainer: FunctionalTrainer,
     state: TrainState,
@@ -60,15 +103,8 @@ def vjp_step(
     num_tokens: int,
     adjoints: list[list[Tensor]],
 ) -> tuple[list[list[Tensor]], list[Tensor]]:
-    """Pull every query's adjoint back through one training step (double backward).
-
-    The step is ``z' = update(z, g)`` with ``g = reduce(sum_j g_j(theta, w_j))`` over this
-    rank's micro-batches ``j`` (see :class:`FunctionalTrainer`). Stage A differentiates the
-    update alone, giving the direct part of ``dL/dz`` and ``c = dL/dg``; stage B pulls ``c``
-    back through each micro-batch's gradient (the double backward), giving ``dL/dw_j`` and
-    this rank's part of ``dL/dtheta``, which is summed over ranks. With one micro-batch its
-    traced gradient serves both stages; with several, stage B re-traces one micro-batch at a
-    time (from its recorded RNG state), so the double-backward graph of only one is alive.
+    """Pull every query's adjoint back through one training step (:func:`trace_step`, then
+    :func:`pull_step`).
 
     Args:
         trainer: The step function.
@@ -81,40 +117,51 @@ def vjp_step(
     Returns:
         ``(adjoints of state t, dL/dw per micro-batch: [Q, B_j] or [Q, B_j, S_j])``.
     """
-    params = {k: v.detach().requires_grad_() for k, v in state.params.items()}
-    leaves = [
-        t.detach().requires_grad_() if t.is_floating_point() else t for t in state.opt_leaves()
-    ]
-    floats = [t for t in leaves if t.is_floating_point()]
-    ws = [w.detach().requires_grad_() for w in weights]
-    traced, rngs = _step_gradient(trainer, state, params, batches, ws, num_tokens)
-    g_in = [g.detach().requires_grad_() for g in trainer.reduce([g.detach() for g in traced])]
-    with torch.enable_grad(), step_dtype(params.values()):
-        new_params, new_opt = trainer.update(params, state.with_opt_leaves(leaves), g_in)
-    outs = list(new_params.values()) + [
-        t for t in tree_flatten(new_opt)[0] if t.is_floating_point()
-    ]
-    direct = _pull(outs, adjoints, [*params.values(), *floats, *g_in])  # stage A
-    num_params, num_direct = len(params), len(params) + len(floats)
-    cotangents = [d[num_direct:] for d in direct]  # dL/dg per query
+    return pull_step(trainer, trace_step(trainer, state, batches, weights, num_tokens), adjoints)
+
+
+def pull_step(
+    trainer: FunctionalTrainer, step: TracedStep, adjoints: list[list[Tensor]]
+) -> tuple[list[list[Tensor]], list[Tensor]]:
+    """The adjoints of state ``t`` and ``dL/dw`` of the step's micro-batches (see
+    :func:`vjp_step`); frees the step's graph.
+
+    The step is ``z' = update(z, g)`` with ``g = reduce(sum_j g_j(theta, w_j))`` over this
+    rank's micro-batches ``j``. Stage A is the update's VJP (closed form), giving its direct
+    part of ``dL/dz`` and ``c = dL/dg``; stage B pulls ``c`` back through each micro-batch's
+    gradient (the double backward), giving ``dL/dw_j`` and this rank's part of
+    ``dL/dtheta``, which is summed over ranks. With several micro-batches stage B re-traces
+    one at a time (from its recorded RNG state), so the graph of only one is alive.
+    """
+    num_params = len(step.params)
+    with torch.no_grad():  # stage A
+        direct = trainer.optimizer.vjp(
+            step.params,
+            step.state.opt_state,
+            step.grads,
+            [(a[:num_params], a[num_params:]) for a in adjoints],
+        )
+    cotangents = [bar_g for _, _, bar_g in direct]  # dL/dg per query
     through_g: list[list[Tensor]] = []  # per query, this rank's dL/dtheta through g
     w_grads = []
-    for j, (batch, w) in enumerate(zip(batches, ws, strict=True)):  # stage B
-        if len(batches) == 1:
-            g_j = traced
-        else:
-            g_j = _step_gradient(trainer, state, params, [batch], [w], num_tokens, rngs[j])[0]
-        pulled = _pull(g_j, cotangents, [*params.values(), w])
+    params = list(step.params.values())
+    for j, (batch, w) in enumerate(zip(step.batches, step.weights, strict=True)):  # stage B
+        g_j = step.traced
+        if len(step.batches) > 1:
+            g_j = _step_gradient(
+                trainer, step.state, step.params, [batch], [w], step.num_tokens, step.rngs[j]
+            )[0]
+        pulled = _pull(g_j, cotangents, [*params, w])
         if not through_g:
             through_g = [p[:num_params] for p in pulled]
         else:
             through_g = [_add(t, p[:num_params]) for t, p in zip(through_g, pulled, strict=True)]
         w_grads.append(torch.stack([p[-1] for p in pulled]))  # (Q, B_j[, S_j])
+    step.traced = []  # the graph is spent (freed by the last pull)
     summed = trainer.reduce([t for q in through_g for t in q])
     new_adjoints = [
-        _add(direct[q][:num_params], summed[q * num_params : (q + 1) * num_params])
-        + direct[q][num_params:num_direct]
-        for q in range(len(adjoints))
+        _add(bar_theta, summed[q * num_params : (q + 1) * num_params]) + bar_leaves
+        for q, (bar_theta, bar_leaves, _) in enumerate(direct)
     ]
     return new_adjoints, w_grads
 
@@ -132,8 +179,8 @@ def _step_gradient(
     num_tokens: int,
     rng: Tensor | None = None,
 ) -> tuple[list[Tensor], list[Tensor]]:
-    """This rank's step gradient (traced when there is one micro-batch) and the RNG state
-    each micro-batch started from; ``rng`` starts from another state than ``state.rng``."""
+    """This rank's step gradient (traced when there is one micro-batch) and the RNG state each
+    micro-batch started from; ``rng`` starts elsewhere than ``state.rng``."""
     one = len(batches) == 1
     rngs, total = [], None
     with trainer.context(state):

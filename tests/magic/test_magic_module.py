@@ -187,3 +187,50 @@ def test_one_sgd_step_is_perfectly_metasmooth_and_sign_flips_count_against():
     t2h = torch.tensor([3.0, 0.5, -2.0, 0.0], dtype=torch.float64)  # 2nd entry turns back
     # d = [3, 0.5, 2, 0] / 5.5; agreement [+1, -1, +1, 0]
     assert metasmoothness_score(t0, th, t2h) == pytest.approx((3 - 0.5 + 2) / 5.5)
+
+
+TINY_CONFIG = {"model_type": "gpt_neox", "hidden_size": 8, "num_hidden_layers": 1,
+               "num_attention_heads": 2, "intermediate_size": 16}  # fmt: skip
+
+
+def test_vocabulary_arrives_in_configure_model_and_a_given_network_is_held_once():
+    from types import SimpleNamespace
+
+    def attach(module, vocab_size):
+        module._trainer = SimpleNamespace(datamodule=SimpleNamespace(vocab_size=vocab_size))
+        return module
+
+    mm = MagicModule(config=TINY_CONFIG)
+    assert mm.model is None
+    with pytest.raises(ValueError, match=r"MagicModule was given no vocab_size.*vocab_size=\.\.\."):
+        attach(mm, None).configure_model()
+    mm = attach(MagicModule(config=TINY_CONFIG), 37)
+    mm.configure_model()
+    assert mm.model.get_input_embeddings().num_embeddings == 37
+    assert mm.hparams.vocab_size == 37  # so a checkpoint rebuilds the same network
+    assert mm.step_fn.model is mm.model
+    net = tiny_model()  # the network's own keys, once, under `model.`
+    assert list(MagicModule(net).state_dict()) == [f"model.{k}" for k in net.state_dict()]
+
+
+def test_score_arrays_state_their_settings_for_the_report(tmp_path):
+    from lightning_bergson.cli.report import report
+    from lightning_bergson.scores import ScoreArray, ScoreSettings
+
+    mm = _fit(MagicModule(tiny_model(), num_examples=6, **LIGHTNING["sgd"]), tiny_batches(), 1)
+    query = tiny_query()
+    for per_query, reduce in ((True, "none"), (False, "token-weighted mean")):
+        scores = mm.attribute(query, per_query=per_query)
+        scores = scores if per_query else scores[None]
+        path = mm.write_scores(tmp_path / f"{per_query}.zarr", scores, per_query=per_query)
+        array = ScoreArray.open(path)
+        assert array.header.settings == ScoreSettings(
+            preconditioner="none (exact metagradients)", columns="examples", query_reduce=reduce
+        )
+        assert array.header.method == "magic" and array.header.convention == "metagradient"
+        np_scores = scores.float().numpy()
+        assert (array.scores[:] == np_scores).all()
+        report(str(path), str(tmp_path / f"rep{per_query}"), top_k=2)
+        md = (tmp_path / f"rep{per_query}" / "report.md").read_text()
+        assert "- **preconditioner**: none (exact metagradients)" in md
+        assert ("token-weighted mean" in md) is (not per_query)
