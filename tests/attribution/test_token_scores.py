@@ -13,7 +13,7 @@ import functools
 import numpy as np
 import pytest
 import torch
-from attribution_fixtures import damped_inverse_power, fit_with_capture
+from attribution_fixtures import fit_with_capture
 from oracles import lm_batch, tiny_gpt_neox
 
 from lightning_bergson import CausalLMModule, GradientCaptureCallback, GradientStore, HeadConfig
@@ -182,13 +182,21 @@ def _explicit_token_rows(net, batch, store: GradientStore, norms) -> torch.Tenso
 
 @functools.cache
 def _explicit_powers(path: str, power: float) -> tuple[torch.Tensor, ...]:
-    """``H^power`` per block, ``H`` the stored rows' second moment, damped (closed form)."""
+    """``(H + c tr(H)/d I)^power`` per block, ``H = G^T G / N`` of the stored rows ``G``, in
+    closed form from the thin SVD ``G = U S V^T``: ``lam^p I + V ((S^2/N + lam)^p - lam^p) V^T``
+    (no ``d x d`` eigendecomposition, as the preconditioner does)."""
     store = GradientStore.open(path)
-    rows = store.read(slice(None), dtype=torch.float64).numpy()
+    rows = store.read(slice(None), dtype=torch.float64)
     mats = []
     for b in store.modules:
-        g = rows[:, b.offset : b.offset + b.size]
-        mats.append(torch.from_numpy(damped_inverse_power(g.T @ g / len(g), power, 0.1)))
+        g = rows[:, b.offset : b.offset + b.size]  # (N, d)
+        _, sv, vt = torch.linalg.svd(g, full_matrices=False)
+        ev = sv**2 / len(g)  # the non-zero eigenvalues of H
+        lam = 0.1 * float(ev.sum()) / b.size  # c * mean eigenvalue, c = 0.1
+        mid = (ev + lam) ** power - lam**power
+        mats.append(
+            lam**power * torch.eye(b.size, dtype=torch.float64) + vt.T @ (mid[:, None] * vt)
+        )
     return tuple(mats)
 
 
