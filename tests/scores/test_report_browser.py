@@ -141,9 +141,12 @@ def test_headless_chromium_renders_token_spans_shaded(tmp_path):
     png = tmp_path / "page.png"
     _chromium(tmp_path, f"--screenshot={png}", "--window-size=1000,1600", page.as_uri())
     pixels = (imread(png)[..., :3] * 255).round().astype(int).reshape(-1, 3)
-    for rgb in ((26, 127, 55), (207, 34, 46)):  # alpha 0.6 over white, as the CSS says
-        want = np.array([255 * 0.4 + 0.6 * c for c in rgb])
-        assert (np.abs(pixels - want).max(1) <= 2).sum() > 50, rgb
+    # a token's shade: alpha 0.6 |score| / max |score| over white (the legend's swatches are
+    # drawn at 0.6, so check the shades of the 0.9 and -0.2 tokens, which only tokens have)
+    for rgb, share in (((26, 127, 55), 0.9), ((207, 34, 46), 0.2)):
+        alpha = 0.6 * share
+        want = np.array([255 * (1 - alpha) + alpha * c for c in rgb])
+        assert (np.abs(pixels - want).max(1) <= 2).sum() > 50, (rgb, share)
     dom = _Spans()
     dom.feed(_chromium(tmp_path, "--dump-dom", page.as_uri()).stdout)
     assert dom.spans == ["the span", "".join(pieces[4:8])]  # the legend's, then the page's
