@@ -27,15 +27,21 @@ from .batch import IGNORE_INDEX, causal_lm_labels, lm_fields
 __all__ = [
     "LossFn",
     "LossFnContractError",
+    "TokenLossFn",
     "batch_losses",
     "causal_lm_loss_fn",
     "causal_lm_losses",
+    "causal_lm_token_loss_fn",
     "network_logits",
     "token_losses",
 ]
 
 LossFn = Callable[[nn.Module, Any], Tensor]
 """``loss_fn(network, batch) -> [B]``: each example's own loss (in the graph of the network)."""
+
+TokenLossFn = Callable[[nn.Module, Any], Tensor]
+"""``token_loss_fn(network, batch) -> [B, S]``: each example's loss split over its positions,
+summing over ``S`` to the example's loss of :data:`LossFn` (per-token attribution)."""
 
 
 class LossFnContractError(TypeError):
@@ -131,13 +137,50 @@ def causal_lm_loss_fn(reduction: str = "sum") -> LossFn:
     return loss_fn
 
 
-def _contract_message(batch: Any) -> str:
+def causal_lm_token_loss_fn(reduction: str = "sum") -> TokenLossFn:
+    """Each example's token losses ``[B, S]``, summing to :func:`causal_lm_loss_fn`'s ``[B]``.
+
+    ``loss[:, t]`` is the loss of predicting token ``t`` (0 at position 0 and wherever the
+    label is ``-100``); with ``reduction="mean"`` each is divided by its example's number of
+    supervised tokens, so the sum over positions is the example's mean token loss.
+
+    Raises:
+        LossFnContractError: (when called) the batch is not a causal-LM batch.
+    """
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"loss reduction {reduction!r} is not one of 'sum', 'mean'")
+
+    def token_loss_fn(network: nn.Module, batch: Any) -> Tensor:
+        fields = lm_fields(batch)
+        if fields is None:
+            raise LossFnContractError(_contract_message(batch, token=True))
+        logits = network_logits(network, batch)  # (B, S, V)
+        loss, mask = token_losses(logits, fields[1].to(logits.device))  # (B, S), (B, S)
+        if reduction == "mean":
+            loss = loss / mask.sum(1, keepdim=True).clamp(min=1)
+        return loss
+
+    return token_loss_fn
+
+
+def _contract_message(batch: Any, *, token: bool = False) -> str:
     kind = type(batch).__name__
     if isinstance(batch, dict):
         kind += f" with keys {sorted(map(str, batch))}"
-    return (
-        f"the default causal-LM query loss needs a mapping with 2-D 'input_ids' and optional "
-        f"'labels' of the same shape, but got a {kind}. For any other model pass "
+    head = (
+        f"the default causal-LM {'token' if token else 'query'} loss needs a mapping with 2-D "
+        f"'input_ids' and optional 'labels' of the same shape, but got a {kind}. "
+    )
+    if token:
+        return head + (
+            "For any other model pass token_loss_fn(model, batch) -> [B, S], each example's "
+            "loss split over its positions (summing over S to the example's loss as the store "
+            "captured it), e.g. for a token classifier:\n"
+            "    token_loss_fn = lambda model, b: torch.nn.functional.cross_entropy(\n"
+            "        model(b['input_ids']).logits.transpose(1, 2), b['labels'], reduction='none')"
+        )
+    return head + (
+        "For any other model pass "
         "loss_fn(model, batch) -> [B], each example's own loss, e.g. for a classifier:\n"
         "    loss_fn = lambda model, b: torch.nn.functional.cross_entropy(\n"
         "        model(**{k: v for k, v in b.items() if k != 'labels'}).logits, b['labels'],\n"

@@ -4,6 +4,8 @@
   the store in chunks for top-k inner-product or cosine scores (Bergson's call shape).
 * :class:`SecondMomentPreconditioner` (TrackStar's) fits per-block second moments of
   stored rows (float64 eigh, damped inverse powers) and saves them beside the store.
+* :meth:`Attributor.token_scores` / :meth:`Attributor.query_token_scores` split a score over
+  the tokens of a document or of a query (:mod:`.token_scores`).
 * :func:`write_score_array` scores many queries into the shared Zarr score format.
 * :mod:`~lightning_bergson.attribution.report` renders Markdown/HTML reports of any scores.
 
@@ -22,6 +24,7 @@ _EXPORTS = {
     "SearchResult": ".attributor",
     "SecondMomentPreconditioner": ".preconditioners",
     "StoreMismatchError": ".store_match",
+    "TokenScoreMismatchError": ".token_scores",
     "TraceResult": ".attributor",
     "capture_settings": ".store_match",
     "check_model": ".store_match",
@@ -32,6 +35,7 @@ __all__ = [
     "SearchResult",
     "SecondMomentPreconditioner",
     "StoreMismatchError",
+    "TokenScoreMismatchError",
     "TraceResult",
     "capture_settings",
     "check_model",
@@ -50,3 +54,4 @@ if TYPE_CHECKING:
     from .preconditioners import SecondMomentPreconditioner
     from .queries import query_batch
     from .store_match import StoreMismatchError, capture_settings, check_model
+    from .token_scores import TokenScoreMismatchError

@@ -19,7 +19,7 @@ means a gradient step on the training example lowers the query loss.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from ..capture import GradientCollector
+from ..losses import TokenLossFn
 from ..store import GradientStore, ModuleBlock
 from ..store.scan import default_chunk_rows
 from .faiss_index import FaissIndex
@@ -38,6 +39,12 @@ from .query_encoder import Queries, QueryEncoder
 from .results import RowSink, SearchResult, TraceResult
 from .scoring import ExampleReduce, ExampleReducer, TopK
 from .streaming import ScoreChunk, StreamingScorer
+from .token_scores import (
+    document_token_scores,
+    score_token_queries,
+    token_queries,
+    token_rows,
+)
 
 __all__ = ["Attributor", "Queries", "ScoreChunk", "SearchResult", "TraceResult"]
 
@@ -285,6 +292,104 @@ class Attributor:
         q, blocks, pre = self._prepare(queries, modules)
         cache = pre is not None and pre is self.preconditioner
         yield from self.scorer.iter_scores(q, blocks, pre, cache_norms=cache)
+
+    # ------------------------------------------------------------------ per token
+
+    def token_scores(
+        self,
+        queries: Queries | Any,
+        model: nn.Module,
+        batch: Any,
+        *,
+        loss_fn: LossFn | None = None,
+        token_loss_fn: TokenLossFn | None = None,
+        modules: Sequence[str] | None = None,
+    ) -> Tensor:
+        """Scores ``[Q, B, S]`` of every token of ``batch``'s documents against each query.
+
+        Entry ``[q, i, t]`` is the part of document ``i``'s score against query ``q`` that its
+        position ``t``'s token loss carries (the loss of predicting token ``t``; 0 where no
+        loss is taken), with the store's projection, normalizer, heads and this Attributor's
+        preconditioner, exactly: the scores of a document's tokens add up to its score, the
+        inner product (or, with ``unit_norm``, the cosine: each token's contribution divided
+        by the document's normalization) of the document's row made now from ``model``. That
+        equals its stored row's score where the parameters are those it was captured with.
+        Sums are checked (:class:`~.token_scores.TokenScoreMismatchError`). Cost: one
+        forward-mode pass over ``batch`` per query (:mod:`.token_scores`), one backward.
+
+        Args:
+            queries: Query rows ``[Q, D]`` (:meth:`query_gradients`), or a query batch made
+                into rows here with ``loss_fn``.
+            model: The network the store's module names refer to (or its LightningModule).
+            batch: The documents, a batch that ``token_loss_fn`` understands.
+            loss_fn: The queries' loss when ``queries`` is a batch (see :meth:`query_gradients`).
+            token_loss_fn: ``(network, batch) -> [B, S]``, each document's loss split over its
+                positions, summing to the loss its row is the gradient of. Default: the causal-
+                LM token losses, divided by the supervised tokens with ``loss_reduction="mean"``.
+            modules: Score only these blocks (as :meth:`scores`).
+
+        Example:
+            >>> scores = attr.token_scores(attr.query_gradients(net, queries), net, docs)
+            ... # doctest: +SKIP
+            >>> scores.sum(-1)  # [Q, B]: the documents' scores  # doctest: +SKIP
+        """
+        rows = self._query_rows(queries, model, loss_fn)
+        q, blocks, pre = self._prepare(rows, modules)
+        scores = document_token_scores(
+            self.encoder, model, batch, q, blocks, pre, unit_norm=self.unit_norm,
+            token_loss_fn=token_loss_fn,
+        )  # fmt: skip
+        return scores.to(self.dtype)
+
+    def query_token_scores(
+        self,
+        model: nn.Module,
+        batch: Any,
+        *,
+        example_ids: Sequence[int] | None = None,
+        token_loss_fn: TokenLossFn | None = None,
+        modules: Sequence[str] | None = None,
+    ) -> tuple[Tensor, np.ndarray]:
+        """Which tokens of each query a training example supports: scores ``[Q, S, n]``.
+
+        Entry ``[q, t, j]`` is the part of query ``q``'s score against column ``j`` that its
+        position ``t``'s token loss carries (0 where the query takes no loss, e.g. its prompt):
+        the scores of a query's tokens add up to its score (:meth:`scores`), under inner
+        products or cosine (the query's normalization applied to each of its tokens). Cost:
+        one backward per supervised query position (:func:`~.token_scores.token_rows`),
+        then one scan of the store.
+
+        Args:
+            model: The network the store's module names refer to (or its LightningModule).
+            batch: The query batch (as for :meth:`query_gradients`).
+            example_ids: Score only these training examples' rows (default: all).
+            token_loss_fn: Each query's loss split over its positions, ``[B, S]`` (as in
+                :meth:`token_scores`).
+            modules: Score only these blocks (as :meth:`scores`).
+
+        Returns:
+            ``(scores [Q, S, n], example ids [n])``: columns are stored rows, or examples
+            (ascending ids) when this Attributor reduces rows per example (``"sum"`` or
+            ``"mean"``; ``"max"`` is refused: a maximum does not split over tokens).
+        """
+        rows = token_rows(self.encoder, model, batch, token_loss_fn)  # (Q, S, D)
+        full = rows.sum(1)  # (Q, D): each query's row
+        _, blocks, pre = self._prepare(full, modules)
+        x = token_queries(rows, full, blocks, pre, unit_norm=self.unit_norm)  # (Q * S, D_sel)
+        cache = pre is not None and pre is self.preconditioner
+        scores, ids = score_token_queries(
+            self.scorer, x, blocks, pre, example_ids=example_ids, reduce=self.example_reduce,
+            cache_norms=cache,
+        )  # fmt: skip
+        return scores.reshape(*rows.shape[:2], -1), ids
+
+    def _query_rows(self, queries: Queries | Any, model: nn.Module, loss_fn: LossFn | None):
+        """Rows ``[Q, D]``: ``queries`` themselves, or the rows of a query batch."""
+        names = {b.name for b in self.store.modules}
+        is_rows = isinstance(queries, Tensor) or (
+            isinstance(queries, Mapping) and bool(queries) and set(queries) <= names
+        )
+        return queries if is_rows else self.query_gradients(model, queries, loss_fn=loss_fn)
 
     # ------------------------------------------------------------------ internals
 

@@ -9,7 +9,8 @@ model that is not the store's (:mod:`.store_match`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,9 +31,26 @@ from .store_match import (
     store_normalizers,
 )
 
-__all__ = ["Queries", "QueryEncoder"]
+__all__ = ["Queries", "QueryEncoder", "query_mode"]
 
 Queries = Tensor | Mapping[str, Tensor]
+
+
+@contextmanager
+def query_mode(network: nn.Module, weights: Sequence[Tensor]) -> Iterator[None]:
+    """Eval mode (no dropout), and every tracked weight requiring grad, restored on exit:
+    gradients must flow through every tracked module, frozen or not."""
+    was_training = network.training
+    frozen = [w for w in weights if not w.requires_grad]
+    network.eval()
+    try:
+        for w in frozen:
+            w.requires_grad_(True)
+        yield
+    finally:
+        network.train(was_training)
+        for w in frozen:
+            w.requires_grad_(False)
 
 
 class QueryEncoder:
@@ -106,20 +124,10 @@ class QueryEncoder:
         network = collector.model
         device = next(network.parameters()).device
         fn = loss_fn or causal_lm_query_losses(self.settings.loss_reduction)
-        was_training = network.training
         weights = [m.weight for m in collector.modules.values()]
-        frozen = [w for w in weights if not w.requires_grad]
-        network.eval()
-        try:
-            for w in frozen:  # gradients must flow through every tracked module
-                w.requires_grad_(True)
-            with collector, torch.enable_grad():
-                losses = fn(network, to_device(batch, device))  # (B,)
-                torch.autograd.grad(losses.sum(), weights, allow_unused=True)
-        finally:
-            network.train(was_training)
-            for w in frozen:
-                w.requires_grad_(False)
+        with query_mode(network, weights), collector, torch.enable_grad():
+            losses = fn(network, to_device(batch, device))  # (B,)
+            torch.autograd.grad(losses.sum(), weights, allow_unused=True)
         return sink.rows(self.store.modules)
 
     def rows(self, queries: Queries) -> Tensor:

@@ -16,6 +16,7 @@ corpus, the facts; or a Hugging Face model (then pass ``--tokenizer`` and ``--te
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -31,6 +32,7 @@ from ..data import load_text_data
 from ..networks import load_model
 from ..scores.report import format_text, from_search, query_reports, write_report
 from .report import read_texts
+from .tokens import add_token_scores
 
 __all__ = ["QueryOptions", "ScoringOptions", "attribute", "attribute_main", "score", "score_main"]
 
@@ -187,6 +189,8 @@ def attribute(
     top_k: int = 5,
     bottom: bool = False,
     report: str | None = None,
+    tokens: bool = False,
+    span_tokens: int = 8,
 ) -> None:
     """Print the training texts whose gradients best match each query's (and optionally worst).
 
@@ -198,6 +202,10 @@ def attribute(
         top_k: Training examples shown per query and side.
         bottom: Also show the lowest-scoring (most harmful) examples.
         report: Directory to write ``report.md``, ``report.html`` and score histograms.
+        tokens: Per-token attribution of the shown documents: each token's share of the
+            document's score, the ``span_tokens`` consecutive tokens with the largest share
+            highlighted, and the query's tokens' shares (:mod:`lightning_bergson.cli.tokens`).
+        span_tokens: Tokens in a highlighted span.
     """
     queries, scoring = queries or QueryOptions(), scoring or ScoringOptions()
     ctx = _context(model, queries)
@@ -220,7 +228,10 @@ def attribute(
         )
     kind = _settings(attr, scoring)
     print(f"Scores: {kind}, of query gradients with the {len(attr.store)} rows of {store}\n")
-    print(format_text(reports, bottom=bottom))
+    if tokens:
+        add_token_scores(attr, ctx, q, reports, bottom=bottom, width=span_tokens,
+                         modules=scoring.modules)  # fmt: skip
+    print(format_text(reports, bottom=bottom, color=tokens and sys.stdout.isatty()))
     if report:
         paths = write_report(
             reports, report, title=f"Attribution ({kind})", header=score_header(attr)

@@ -9,12 +9,14 @@ say the same thing.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import html
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from .format import SIGN_MEANING, ScoreHeader
+from .spans import score_list, shaded_html, span_markdown, span_text
 
 if TYPE_CHECKING:
     from .report import Match, QueryReport
@@ -120,15 +122,48 @@ def how_to_read(rows: bool) -> str:
     return " ".join(p for p in parts if p)
 
 
+TOKENS_LEGEND = (
+    "Token scores: each token's share of the document's score against the query (the score "
+    "of the loss of predicting that token; the tokens of a document add up to its score "
+    "computed with the model given, which can differ from the stored rows' score when the "
+    "rows were captured at other parameters). The span is the run of consecutive tokens "
+    "with the largest summed score. Query tokens: each of the query's scored tokens' share "
+    "of its score against the document."
+)
+
+
+def _token_fmt(reports: Sequence[QueryReport]) -> Callable[[float], str] | None:
+    """One format for every token score of a report; ``None`` when none has token scores."""
+    shown = [t for m in _shown(reports) for t in (m.tokens, m.query_tokens) if t is not None]
+    return score_format(s for t in shown for s in t.scores) if shown else None
+
+
+def _token_lines(m: Match, fmt: Callable[[float], str], color: bool, width: int) -> list[str]:
+    out = []
+    if m.tokens is not None:
+        text = span_text(m.tokens, color=color, context=width // 3).replace("\n", " ")
+        out.append(f"        span {fmt(m.tokens.span_score)} of {fmt(m.tokens.total)}: {text}")
+    if m.query_tokens is not None:
+        out.append(f"        query tokens: {score_list(m.query_tokens, fmt)}")
+    return out
+
+
 def _legend(reports: Sequence[QueryReport], marked: str) -> str:
     """What ``marked`` (a row marked ``*``; in HTML, highlighted) means in this report."""
     relevant = any(m.relevant for m in _shown(reports))
     return f"{marked} is {RELEVANT_LEGEND}" if relevant else NO_RELEVANT
 
 
-def format_text(reports: Sequence[QueryReport], *, bottom: bool = False, width: int = 100) -> str:
-    """The console rendering used by ``python -m lightning_bergson attribute``."""
+def format_text(
+    reports: Sequence[QueryReport], *, bottom: bool = False, width: int = 100, color: bool = False
+) -> str:
+    """The console rendering used by ``python -m lightning_bergson attribute``.
+
+    Matches with token scores get a line with their top span marked (``[[...]]``, or bold
+    green with ``color``, for a terminal) and one with the query's token scores.
+    """
     fmt = score_format(m.score for m in _shown(reports))
+    tfmt = _token_fmt(reports)
     lines = []
     for q, rep in enumerate(reports):
         lines.append(f"Query {q}: {rep.query}")
@@ -143,9 +178,12 @@ def format_text(reports: Sequence[QueryReport], *, bottom: bool = False, width: 
                 lines.append(
                     f"  {flag}{rank:>2}. {fmt(m.score):>11}  [{m.example_id}]{where} {text}"
                 )
+                lines += _token_lines(m, tfmt, color, width) if tfmt else []
         lines.append("")
     if any(m.relevant for m in _shown(reports)):
         lines.append("* = a known-relevant training document (e.g. it states the queried fact)")
+    if tfmt:
+        lines.append(TOKENS_LEGEND)
     return "\n".join(lines)
 
 
@@ -161,13 +199,27 @@ def _opt(value: int | None) -> str:
     return "–" if value is None else str(value)
 
 
-def _md_table(matches: Sequence[Match], fmt: Callable[[float], str], rows: bool) -> list[str]:
+def _md_text(m: Match, tfmt: Callable[[float], str] | None) -> str:
+    """The text cell: the text, or with token scores its span in bold and their sums."""
+    if m.tokens is None or tfmt is None:
+        return _md_cell(m.text)
+    cell = span_markdown(m.tokens, lambda t: _md_cell(t, 100_000))
+    cell += f" (span {tfmt(m.tokens.span_score)} of {tfmt(m.tokens.total)})"
+    if m.query_tokens is not None:
+        cell += "; query tokens: " + _md_cell(score_list(m.query_tokens, tfmt), 100_000)
+    return cell
+
+
+def _md_table(
+    matches: Sequence[Match], fmt: Callable[[float], str], rows: bool,
+    tfmt: Callable[[float], str] | None = None,
+) -> list[str]:  # fmt: skip
     head = ["#", "score", "example", *(["epoch", "step"] if rows else []), "text"]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for rank, m in enumerate(matches, 1):
         cells = [str(rank), fmt(m.score), f"{m.example_id}{' *' if m.relevant else ''}"]
         cells += [_opt(m.epoch), _opt(m.step)] if rows else []
-        out.append("| " + " | ".join([*cells, _md_cell(m.text)]) + " |")
+        out.append("| " + " | ".join([*cells, _md_text(m, tfmt)]) + " |")
     return out
 
 
@@ -195,11 +247,13 @@ def render_markdown(
         f"Legend: {_legend(reports, 'A row marked *')}",
         "",
     ]
+    tfmt = _token_fmt(reports)
+    out += [f"{TOKENS_LEGEND} The span is in **bold**.", ""] if tfmt else []
     for q, rep in enumerate(reports):
         out += [f"## Query {q}", "", f"> {_md_cell(rep.query, 1000)}", ""]
         out += [f"- {note}" for note in rep.notes] + ([""] if rep.notes else [])
         for name, matches in (("Top (most helpful)", rep.top), ("Bottom", rep.bottom)):
-            out += [f"**{name}**", "", *_md_table(matches, fmt, rows), ""]
+            out += [f"**{name}**", "", *_md_table(matches, fmt, rows, tfmt), ""]
         if q in pngs:
             out += [f"![scores of query {q}]({pngs[q]})", ""]
     return "\n".join(out)
@@ -216,12 +270,32 @@ _CSS = (
     "table.settings th{width:12em;background:#f6f8fa}"
     ".legend{border:1px solid #ddd;padding:.5em 1em;background:#fcfcfc}"
     "blockquote{background:#f6f8fa;margin:0;padding:.5em 1em}"
+    ".tok{border-radius:2px;white-space:pre-wrap}"
+    "mark.span{background:none;outline:2px solid #1a7f37;border-radius:2px}"
+    ".qtok{margin-top:.3em;font-size:90%;color:#555}"
 )
 
 
+def _html_text(m: Match, tfmt: Callable[[float], str] | None) -> str:
+    """The text cell: the text, or its tokens shaded by score with the span outlined."""
+    if m.tokens is None or tfmt is None:
+        return html.escape(m.text)
+    out = f"<div class='tokens'>{shaded_html(m.tokens, tfmt)}</div>"
+    sums = f"span {tfmt(m.tokens.span_score)} of {tfmt(m.tokens.total)}"
+    if m.query_tokens is not None:
+        kept = [i for i, s in enumerate(m.query_tokens.scores) if s]
+        q = dataclasses.replace(
+            m.query_tokens, pieces=[m.query_tokens.pieces[i] for i in kept],
+            scores=[m.query_tokens.scores[i] for i in kept], span=None,
+        )  # fmt: skip
+        sums += f"; query tokens: {shaded_html(q, tfmt)}"
+    return out + f"<div class='qtok'>{sums}</div>"
+
+
 def _html_table(
-    matches: Sequence[Match], fmt: Callable[[float], str], rows: bool, side: str
-) -> str:
+    matches: Sequence[Match], fmt: Callable[[float], str], rows: bool, side: str,
+    tfmt: Callable[[float], str] | None = None,
+) -> str:  # fmt: skip
     head = ["#", "score", "example", *(["epoch", "step"] if rows else []), "text"]
     out = [f"<table class='matches {side}'><thead><tr>"]
     out += [f"<th>{h}</th>" for h in head] + ["</tr></thead><tbody>"]
@@ -232,7 +306,7 @@ def _html_table(
         cells = [f"<td class='num'>{rank}</td>", f"<td class='num {cls}'>{fmt(m.score)}</td>",
                  f"<td class='eid'>{m.example_id}{star}</td>"]  # fmt: skip
         cells += [f"<td class='num'>{_opt(v)}</td>" for v in (m.epoch, m.step)] if rows else []
-        out.append(f"<tr{rel}>{''.join(cells)}<td>{html.escape(m.text)}</td></tr>")
+        out.append(f"<tr{rel}>{''.join(cells)}<td>{_html_text(m, tfmt)}</td></tr>")
     out.append("</tbody></table>")
     return "".join(out)
 
@@ -261,8 +335,18 @@ def render_html(
     out.append(
         f"<div class='legend'><p>{_legend(reports, swatch)}</p>"  # fixed text: nothing to escape
         "<p><span class='pos'>green</span> score: helpful (above 0); "
-        "<span class='neg'>red</span>: harmful (below 0).</p></div>"
+        "<span class='neg'>red</span>: harmful (below 0).</p>"
     )
+    tfmt = _token_fmt(reports)
+    if tfmt:
+        out.append(
+            f"<p class='token-legend'>{esc(TOKENS_LEGEND)} Each token is shaded by its score "
+            "(<span class='tok' style='background:rgba(26,127,55,.6)'>helps</span>, "
+            "<span class='tok' style='background:rgba(207,34,46,.6)'>hurts</span>; darker = "
+            "larger share; hover for the score); <mark class='span'>the span</mark> is "
+            "outlined.</p>"
+        )
+    out.append("</div>")
     for q, rep in enumerate(reports):
         out.append(f"<h2>Query {q}</h2><blockquote>{esc(rep.query)}</blockquote>")
         out += [f"<p>{esc(note)}</p>" for note in rep.notes]
@@ -270,7 +354,7 @@ def render_html(
             ("Top (most helpful)", "top", rep.top),
             ("Bottom", "bottom", rep.bottom),
         ):
-            out.append(f"<h3>{name}</h3>{_html_table(matches, fmt, rows, side)}")
+            out.append(f"<h3>{name}</h3>{_html_table(matches, fmt, rows, side, tfmt)}")
         if q in pngs:
             data = base64.b64encode(pngs[q]).decode()
             out.append(f"<img alt='scores of query {q}' src='data:image/png;base64,{data}'>")

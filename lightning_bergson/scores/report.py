@@ -27,6 +27,7 @@ import numpy as np
 
 from .format import ScoreHeader, helpfulness
 from .render import format_text, render_html, render_markdown
+from .spans import TokenScores
 
 if TYPE_CHECKING:
     from ..attribution.results import SearchResult
@@ -58,6 +59,8 @@ class Match:
     relevant: bool = False  # e.g. the document states the queried fact
     epoch: int | None = None  # when the score's column is a stored row
     step: int | None = None
+    tokens: TokenScores | None = None  # the document's token scores (per-token attribution)
+    query_tokens: TokenScores | None = None  # the query's tokens' scores against it
 
 
 @dataclass

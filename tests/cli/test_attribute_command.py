@@ -111,3 +111,33 @@ def test_score_and_attribute_refuse_a_damaged_store(run, tmp_path, capsys):
     with pytest.raises(ValueError, match=r"incomplete.*Write it again"):
         ScoreArray.open(out)
     fails(["attribute", *args, "--fact", "all", "--top_k", "3"])
+
+
+def test_attribute_tokens_shows_spans_whose_scores_add_up(run, capsys):
+    """``--tokens true``: each shown document's token scores add up to its inner product with
+    the query computed here from rows made by the hooks (an independent backward), and the
+    query tokens' scores to the match's score; the span is marked in the text and HTML."""
+    store = str(run / "grads.zarr")
+    main(["attribute", "--store", store, "--model", str(run), "--fact", "0", "--top_k", "2",
+          "--tokens", "true", "--unit_norm", "false", "--preconditioner", "none",
+          "--report", str(run / "tokens")])  # fmt: skip
+    out = capsys.readouterr().out
+    module, data_hp = load_model(run)
+    data = load_text_data(data_hp)
+    fact = data.corpus.facts[0]
+    attr = Attributor(store, unit_norm=False, preconditioner=None, example_reduce="mean")
+    q = attr.query_gradients(
+        module, query_batch(data.tokenizer, [fact.query], answers=[fact.answer])
+    )
+    scores, ids = attr.scores(q)
+    best = int(ids[int(np.argmax(scores[0]))])
+    doc = query_batch(data.tokenizer, [data.texts[best]], append_eos=True)
+    want = float(q[0].double() @ attr.query_gradients(module, doc)[0].double())
+    lines = out.splitlines()
+    first = next(i for i, line in enumerate(lines) if f"[{best}]" in line)
+    span, total = re.search(r"span (\S+) of (\S+): .*\[\[.+\]\]", lines[first + 1]).groups()
+    assert float(total) == pytest.approx(want, rel=2e-3) and float(span) > 0
+    parts = re.findall(r" ([+-][0-9.e+-]+)(?:,|$)", lines[first + 2].split("query tokens:")[1])
+    assert sum(map(float, parts)) == pytest.approx(float(scores[0].max()), rel=1e-2)
+    page = (run / "tokens" / "report.html").read_text()
+    assert page.count("<mark class='span'>") == 1 + 2 and "class='token-legend'" in page

@@ -90,7 +90,8 @@ def test_user_errors_are_one_line_and_exit_2(name, capsys, tmp_path, monkeypatch
 def test_attribute_and_score_share_their_options_and_defaults():
     from lightning_bergson.cli.attribute import _parser, attribute, score
 
-    own = {"out", "top_k", "bottom", "report", "query_reduce", "overwrite", "config"}
+    own = {"out", "top_k", "bottom", "report", "tokens", "span_tokens", "query_reduce"}
+    own |= {"overwrite", "config"}
     parsed = []
     for command, extra in ((attribute, []), (score, ["--out", "o"])):
         args = ["--store", "s", "--model", "m", *extra, "--fact", "all"]

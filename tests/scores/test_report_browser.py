@@ -97,3 +97,57 @@ def test_headless_chromium_renders_the_report_with_its_tables(tmp_path):
     tables.feed(dom)
     assert tables.tables == [("matches top", top), ("matches bottom", bottom)]
     assert tables.settings[:4] == ["scores", "store", "method", "sign convention"]
+
+
+class _Spans(HTMLParser):
+    """The text inside ``mark.span`` and each token's ``title`` (its score), in page order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spans: list[str] = []
+        self.titles: list[str] = []
+        self._depth = 0
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = dict(attrs)
+        if tag == "mark" and a.get("class") == "span":
+            self.spans.append("")
+            self._depth = 1
+        if tag == "span" and a.get("class") == "tok" and a.get("title"):
+            self.titles.append(str(a["title"]))
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "mark":
+            self._depth = 0
+
+    def handle_data(self, data: str) -> None:
+        if self._depth:
+            self.spans[-1] += data
+
+
+def test_headless_chromium_renders_token_spans_shaded(tmp_path):
+    """A document whose tokens 4-7 carry the largest scores: the outlined span is those
+    tokens, the strongest token is drawn in the full green shade, a harmful one in red."""
+    from lightning_bergson.scores.spans import TokenScores
+
+    ids = np.arange(3)
+    reports = query_reports(np.array([[3.0, 1.0, -1.0]]), ids, {i: f"doc {i}" for i in ids},
+                            ["Who was born in Lyon?"], k=1)  # fmt: skip
+    pieces = [f" word{i}" for i in range(12)]
+    scores = [0.1, -0.2, 0.0, 0.1, 0.9, 1.0, 0.8, 0.7, -1.0, 0.1, 0.0, 0.2]
+    reports[0].top[0].tokens = TokenScores.make(pieces, scores, width=4)
+    reports[0].top[0].query_tokens = TokenScores([" Lyon", "."], [0.5, 0.0])
+    page = write_report(reports, tmp_path / "report", histograms=False)["html"]
+    png = tmp_path / "page.png"
+    _chromium(tmp_path, f"--screenshot={png}", "--window-size=1000,1600", page.as_uri())
+    pixels = (imread(png)[..., :3] * 255).round().astype(int).reshape(-1, 3)
+    # a token's shade: alpha 0.6 |score| / max |score| over white (the legend's swatches are
+    # drawn at 0.6, so check the shades of the 0.9 and -0.2 tokens, which only tokens have)
+    for rgb, share in (((26, 127, 55), 0.9), ((207, 34, 46), 0.2)):
+        alpha = 0.6 * share
+        want = np.array([255 * (1 - alpha) + alpha * c for c in rgb])
+        assert (np.abs(pixels - want).max(1) <= 2).sum() > 50, (rgb, share)
+    dom = _Spans()
+    dom.feed(_chromium(tmp_path, "--dump-dom", page.as_uri()).stdout)
+    assert dom.spans == ["the span", "".join(pieces[4:8])]  # the legend's, then the page's
+    assert dom.titles[:12] == [f"{s:+.3f}" for s in scores]  # 4 digits of the largest
