@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import dataclasses
 
-import lightning.pytorch as L
 import pytest
 import torch
 from magic_oracles import tiny_batches, tiny_model, tiny_query
-from oracles import lm_batch
+from oracles import batch_rows, lm_batch, tiny_gpt_neox
+from recipes import trainer
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
-from lightning_bergson import CausalLMModule, EkfacModule, MagicModule
+from lightning_bergson import EkfacModule, MagicModule
 from lightning_bergson.batch import (
     IdStamped,
     MissingExampleIdError,
@@ -154,49 +154,36 @@ def test_capture_settings_round_trip_and_name_the_differing_fields():
 # ------------------------------------------------------------------ strategies keep ids
 
 
-def _rows(batches):
-    return [{k: v[i] for k, v in b.items()} for b in batches for i in range(len(b["input_ids"]))]
-
-
-def _trainer(strategy, epochs=2):
-    return L.Trainer(
-        accelerator="cpu",
-        strategy=strategy,
-        max_epochs=epochs,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-
-
 def test_magic_module_under_the_bergson_strategy_keeps_example_ids():
-    rows = _rows(tiny_batches())
+    rows = batch_rows(*tiny_batches())
     without_ids = [{k: v for k, v in r.items() if k != "example_id"} for r in rows]
     scores = []
     for strategy, data in (("auto", rows), ("bergson", without_ids)):
         mm = MagicModule(tiny_model(), num_examples=6, optimizer="adamw", lr=1e-2)
-        _trainer(strategy).fit(mm, DataLoader(data, batch_size=2, shuffle=False))
+        trainer(strategy=strategy, max_epochs=2).fit(
+            mm, DataLoader(data, batch_size=2, shuffle=False)
+        )
         scores.append(mm.attribute(tiny_query()))
     torch.testing.assert_close(scores[0], scores[1], rtol=0, atol=0)
 
 
 def test_ekfac_true_fisher_under_the_bergson_strategy_seeds_per_example(tmp_path):
-    micro = {"model_type": "gpt_neox", "vocab_size": 97, "hidden_size": 8, "num_hidden_layers": 1,
-             "num_attention_heads": 2, "intermediate_size": 16}  # fmt: skip
     train = lm_batch(8, 6, seed=4)
-    rows = [{k: v[i] for k, v in train.items()} for i in range(8)]
+    rows = batch_rows(train)
     rows = [{**r, "example_id": r["example_id"] - 100} for r in rows]  # dataset rows 0..7
     without_ids = [{k: v for k, v in r.items() if k != "example_id"} for r in rows]
     factors = []
     for strategy, data in (("auto", rows), ("bergson", without_ids)):
-        net = CausalLMModule(config=micro).model.double()
+        net = tiny_gpt_neox(0, dtype=torch.float64, hidden_size=8, num_hidden_layers=1,
+                            num_attention_heads=2, intermediate_size=16)  # fmt: skip
         ek = EkfacModule(
             net, factors_dir=str(tmp_path / strategy), fisher="true", factor_dtype="float64"
         )
-        _trainer(strategy, ek.num_phases).fit(ek, DataLoader(data, batch_size=4, shuffle=False))
+        trainer(strategy=strategy, max_epochs=ek.num_phases).fit(
+            ek, DataLoader(data, batch_size=4, shuffle=False)
+        )
         factors.append(ek)
-    queries = DataLoader(_rows([lm_batch(2, 6, seed=9)]), batch_size=2)
+    queries = DataLoader(batch_rows(lm_batch(2, 6, seed=9)), batch_size=2)
     train_loader = DataLoader(rows, batch_size=4)
     a = factors[0].pairwise_scores(queries, train_loader)
     b = factors[1].pairwise_scores(queries, train_loader)

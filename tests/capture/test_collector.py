@@ -6,6 +6,7 @@ import pytest
 import torch
 from oracles import (
     ToyConv1DNet,
+    documented_projection,
     example_losses,
     lm_batch,
     module_grad,
@@ -22,6 +23,7 @@ from lightning_bergson.capture import (
     projection_matrix,
 )
 
+proj = documented_projection
 QKV = "gpt_neox.layers.0.attention.query_key_value"
 DENSE = "gpt_neox.layers.0.attention.dense"
 MLP = "gpt_neox.layers.1.mlp.dense_h_to_4h"
@@ -88,8 +90,8 @@ def test_projected_rows_equal_explicit_projection(model, batch, oracle, bias):
     rows = collect(model, batch, projection_dim=p, seed=seed, include_bias=bias)
     for name in (QKV, MLP):
         full = module_grad(oracle, name, bias=bias)  # (B, O, I)
-        left = projection_matrix(p, full.shape[1], seed=seed, key=name, side="left")
-        right = projection_matrix(p, full.shape[2], seed=seed, key=name, side="right")
+        left = proj(p, full.shape[1], seed=seed, key=name, side="left")
+        right = proj(p, full.shape[2], seed=seed, key=name, side="right")
         want = (left @ full @ right.T).flatten(1)
         assert rel_err(rows[name], want) <= 1e-5
 
@@ -115,22 +117,59 @@ def test_projection_is_seeded_and_device_independent():
     assert not torch.equal(a, projection_matrix(8, 30, seed=3, key="x.y", side="right"))
     assert torch.allclose(a.abs(), torch.full_like(a, 8**-0.5))
     assert 0.3 < (a > 0).float().mean() < 0.7
+    torch.manual_seed(123)  # the global generator plays no part
+    assert torch.equal(a, projection_matrix(8, 30, seed=3, key="x.y", side="left"))
+    with torch.device("meta"):  # a default device (Lightning's init_module sets one on GPUs)
+        assert torch.equal(projection_matrix(8, 30, seed=3, key="x.y", side="left"), a)
     if torch.cuda.is_available():
         gpu = projection_matrix(8, 30, seed=3, key="x.y", side="left", device="cuda")
         assert torch.equal(gpu.cpu(), a)
 
 
+def test_projection_follows_the_documented_seeding_rule():
+    """``sha256("<seed>/<key>/<side>")`` seeds a CPU generator whose bits are the signs."""
+    for key in ("fc", "gpt_neox.layers.0.attention.query_key_value.head_3"):
+        for side in ("left", "right"):
+            want = proj(5, 7, seed=11, key=key, side=side)
+            assert torch.equal(projection_matrix(5, 7, seed=11, key=key, side=side), want)
+
+
+@pytest.mark.parametrize("p", [2, 3])
+def test_every_block_and_head_has_its_own_projection(model, batch, oracle, p):
+    """Rows of every block equal ``L_b G_b R_b^T`` with the block's own matrices: a head (or
+    module) projected with another block's matrices, or with shared ones, fails."""
+    heads = {QKV: HeadConfig(4, 24), DENSE: HeadConfig(4, 8, axis="input")}
+    rows = collect(model, batch, projection_dim=p, include=[QKV, DENSE, MLP], head_cfgs=heads)
+    blocks = {MLP: module_grad(oracle, MLP)}
+    for h in range(4):
+        blocks[f"{QKV}.head_{h}"] = module_grad(oracle, QKV)[:, 24 * h : 24 * (h + 1)]
+        blocks[f"{DENSE}.head_{h}"] = module_grad(oracle, DENSE)[:, :, 8 * h : 8 * (h + 1)]
+    lefts = {}
+    for key, g in blocks.items():
+        left = proj(p, g.shape[1], seed=0, key=key, side="left")
+        right = proj(p, g.shape[2], seed=0, key=key, side="right")
+        assert rel_err(rows[key], (left @ g @ right.T).flatten(1)) <= 1e-5, key
+        lefts[key] = left
+    # the heads of a module have matrices of one shape, all different
+    qkv = [lefts[f"{QKV}.head_{h}"] for h in range(4)]
+    assert len({tuple(m.flatten().tolist()) for m in qkv}) == 4
+
+
 def _random_moments(model, names, bias, kind):
+    """Random second moments; Adafactor's row and column statistics are drawn independently
+    and on different scales (mean(c) ~ 3 mean(r)), so a normalizer that divides by mean(c),
+    or by no mean, differs from ``r c^T / mean(r)``."""
     gen = torch.Generator().manual_seed(5)
     out = {}
     for name in names:
         mod = model.get_submodule(name)
         shape = (mod.out_features, mod.in_features + int(bias))
-        v = torch.rand(shape, generator=gen) + 0.1
         if kind == "adam":
-            out[name] = AdamNormalizer(v, eps=1e-3)
+            out[name] = AdamNormalizer(torch.rand(shape, generator=gen) + 0.1, eps=1e-3)
         else:
-            out[name] = AdafactorNormalizer(v.mean(1), v.mean(0))
+            row = torch.rand(shape[0], generator=gen) + 0.1
+            col = 3 * torch.rand(shape[1], generator=gen) + 0.3
+            out[name] = AdafactorNormalizer(row, col)
     return out
 
 
@@ -152,8 +191,8 @@ def test_normalized_rows_equal_explicit_normalization(model, batch, oracle, kind
         else:
             full = full / (norm.avg_sq.sqrt() + norm.eps)
         if p:
-            left = projection_matrix(p, full.shape[1], seed=2, key=name, side="left")
-            right = projection_matrix(p, full.shape[2], seed=2, key=name, side="right")
+            left = proj(p, full.shape[1], seed=2, key=name, side="left")
+            right = proj(p, full.shape[2], seed=2, key=name, side="right")
             full = left @ full @ right.T
         assert rel_err(rows[name], full.flatten(1)) <= 1e-5
 
@@ -173,8 +212,8 @@ def test_heads_split_both_axes(model, batch, oracle, p):
         for name, want in blocks.items():
             key = f"{name}.head_{h}"
             if p:
-                left = projection_matrix(p, want.shape[1], seed=1, key=key, side="left")
-                right = projection_matrix(p, want.shape[2], seed=1, key=key, side="right")
+                left = proj(p, want.shape[1], seed=1, key=key, side="left")
+                right = proj(p, want.shape[2], seed=1, key=key, side="right")
                 want = left @ want @ right.T
             assert rel_err(rows[key], want.flatten(1)) <= 1e-5, key
 
@@ -198,8 +237,8 @@ def test_heads_with_adafactor_normalizer_on_both_axes(model, batch, oracle, perm
         for h in range(4):
             want = full[:, 24 * h : 24 * (h + 1)] if name == QKV else full[:, :, 8 * h : 8 * h + 8]
             key = f"{name}.head_{h}"
-            left = projection_matrix(3, want.shape[1], seed=4, key=key, side="left")
-            right = projection_matrix(3, want.shape[2], seed=4, key=key, side="right")
+            left = proj(3, want.shape[1], seed=4, key=key, side="left")
+            right = proj(3, want.shape[2], seed=4, key=key, side="right")
             assert rel_err(rows[key], (left @ want @ right.T).flatten(1)) <= 1e-5, key
 
 
@@ -228,8 +267,8 @@ def test_gathered_heads_with_bias_and_adafactor(model, batch, oracle, p):
             (f"{DENSE}.head_{h}", dense_full[:, :, 8 * h : 8 * (h + 1)], dense_rows),
         ):
             if p:
-                left = projection_matrix(p, want.shape[1], seed=6, key=key, side="left")
-                right = projection_matrix(p, want.shape[2], seed=6, key=key, side="right")
+                left = proj(p, want.shape[1], seed=6, key=key, side="left")
+                right = proj(p, want.shape[2], seed=6, key=key, side="right")
                 want = left @ want @ right.T
             assert rel_err(got[key], want.flatten(1)) <= 1e-5, key
 
@@ -247,8 +286,8 @@ def test_heads_with_adam_normalizer(model, batch, oracle):
     )
     full = module_grad(oracle, QKV) / (norms[QKV].avg_sq.sqrt() + norms[QKV].eps)
     want = full[:, 24:48]
-    left = projection_matrix(3, 24, seed=1, key=f"{QKV}.head_1", side="left")
-    right = projection_matrix(3, 32, seed=1, key=f"{QKV}.head_1", side="right")
+    left = proj(3, 24, seed=1, key=f"{QKV}.head_1", side="left")
+    right = proj(3, 32, seed=1, key=f"{QKV}.head_1", side="right")
     assert rel_err(rows[f"{QKV}.head_1"], (left @ want @ right.T).flatten(1)) <= 1e-5
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from oracles import assert_rows_match, rows_by_id
 from safetensors.torch import load_file
 
 from lightning_bergson import GradientStore
@@ -41,18 +42,8 @@ def run(out: Path, *args: str, processes: int = 1) -> GradientStore:
 
 
 def rows_by_key(store: GradientStore, id_offset: int = 0) -> dict[tuple[int, int], torch.Tensor]:
-    rows = store.read(slice(None))
-    return {
-        (int(i) + id_offset, int(s)): rows[k]
-        for k, (i, s) in enumerate(zip(store.example_ids, store.steps, strict=True))
-    }
-
-
-def assert_same_rows(got: dict, want: dict, rtol: float = 1e-5) -> None:
-    assert sorted(got) == sorted(want)  # same (example id, step) pairs: none missing or doubled
-    for key, row in want.items():
-        err = ((got[key] - row).norm() / row.norm()).item()
-        assert err <= rtol, (key, err)
+    """Rows keyed by ``(example id + id_offset, step)``."""
+    return {(i + id_offset, s): r for (i, s), r in rows_by_id(store, with_step=True).items()}
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +59,7 @@ def test_two_processes_equal_one(tmp_path, single, strategy):
     assert store.complete and store.attrs["world_size"] == 2
     assert sorted(set(store.ranks.tolist())) == [0, 1]
     offset = 100 if extra else 0  # the reference dataset carries ids 100.. in its rows
-    assert_same_rows(rows_by_key(store, offset), rows_by_key(single))
+    assert_rows_match(rows_by_key(store, offset), rows_by_key(single))
     # the optimizer normalizers gathered from sharded state equal the unsharded ones
     name = "normalizers/normalizers.safetensors"
     mine, ref = load_file(store.path / name), load_file(single.path / name)
@@ -79,7 +70,7 @@ def test_two_processes_equal_one(tmp_path, single, strategy):
 
 def test_accumulation_one_vs_four(tmp_path, single):
     store = run(tmp_path / "run", "--batch-size", "1", "--accumulate", "4")
-    assert_same_rows(rows_by_key(store), rows_by_key(single))
+    assert_rows_match(rows_by_key(store), rows_by_key(single))
 
 
 def test_bf16_mixed_rows_near_fp32(tmp_path, single):
@@ -96,7 +87,7 @@ def test_bf16_mixed_rows_near_fp32(tmp_path, single):
 
 def test_float64_rows(tmp_path, single):
     store = run(tmp_path / "run", "--batch-size", "4", "--precision", "64-true")
-    assert_same_rows(rows_by_key(store), rows_by_key(single), rtol=1e-5)
+    assert_rows_match(rows_by_key(store), rows_by_key(single), tol=1e-5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="16-mixed (GradScaler) needs a GPU")

@@ -10,11 +10,11 @@ import sys
 import warnings
 from pathlib import Path
 
-import lightning.pytorch as L
 import numpy as np
 import pytest
 import torch
-from oracles import Rows, lm_batch, tiny_gpt_neox
+from oracles import lm_batch, tiny_gpt_neox
+from recipes import fit_with_capture
 
 import lightning_bergson.store.writer as writer_mod
 from lightning_bergson import CausalLMModule, GradientCaptureCallback, GradientStore
@@ -160,17 +160,8 @@ def test_fault_suite_long(tmp_path, uninterrupted_chunked, seed, kind, extra):
 
 def _fit(tmp_path: Path, callback: GradientCaptureCallback, steps: int = 4) -> None:
     data = lm_batch(num=8, seq=6)
-    loader = torch.utils.data.DataLoader(Rows(data), batch_size=2)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=steps,
-        callbacks=[callback],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    trainer.fit(CausalLMModule(tiny_gpt_neox(), lr=0.0), loader)
+    fit_with_capture(CausalLMModule(tiny_gpt_neox(), lr=0.0), data, callback, batch_size=2,
+                     max_steps=steps)  # fmt: skip
 
 
 def test_full_disk_fails_the_fit_and_keeps_committed_rows(tmp_path, monkeypatch):

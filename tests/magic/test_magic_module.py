@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import lightning.pytorch as L
 import pytest
 import torch
 from magic_oracles import tiny_batches, tiny_model, tiny_query, train
+from recipes import trainer
 from torch.utils.data import DataLoader
 
 from lightning_bergson import MagicModule
@@ -17,15 +17,9 @@ OPTIONS = {"optimizer": "adamw", "lr": 1e-2, "weight_decay": 0.1, "max_grad_norm
 def _fit(
     module: MagicModule, batches: list[dict], epochs: int = 2, precision: str = "32-true"
 ) -> MagicModule:
-    trainer = L.Trainer(
-        max_epochs=epochs,
-        precision=precision,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
+    trainer(max_epochs=epochs, precision=precision).fit(
+        module, DataLoader(batches, batch_size=None)
     )
-    trainer.fit(module, DataLoader(batches, batch_size=None))
     return module
 
 
