@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import lightning.pytorch as L
 import pytest
 import torch
 from magic_oracles import tiny_batches, tiny_model, tiny_query
@@ -188,3 +189,47 @@ def test_ekfac_true_fisher_under_the_bergson_strategy_seeds_per_example(tmp_path
     a = factors[0].pairwise_scores(queries, train_loader)
     b = factors[1].pairwise_scores(queries, train_loader)
     torch.testing.assert_close(a, b, rtol=1e-10, atol=0)
+
+
+class KeysSeen(L.LightningModule):
+    """``self.model(**batch).loss`` as a plain recipe writes it; records the keys it was given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model, self.seen = tiny_gpt_neox(), []
+
+    def training_step(self, batch, batch_idx):
+        self.seen.append(sorted(batch))
+        if "example_id" in batch:
+            return self.model(**{k: v for k, v in batch.items() if k != "example_id"}).loss
+        return self.model(**batch).loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+class KeysNeeded(KeysSeen):
+    needs_example_id = True
+
+
+@pytest.mark.parametrize(
+    ("strategy", "module", "keeps"),
+    [("bergson", KeysSeen, False), ("bergson", KeysNeeded, True), ("auto", KeysSeen, True)],
+)
+def test_the_strategy_strips_example_id_before_training_step(tmp_path, strategy, module, keeps):
+    """The Bergson strategy removes ``example_id`` from the batch ``training_step`` sees (unless
+    the module declares ``needs_example_id``); the rows still carry the ids."""
+    from lightning_bergson import GradientCaptureCallback, GradientStore
+
+    data = lm_batch(num=4, seq=6)
+    cb = GradientCaptureCallback(tmp_path / "g.zarr", projection_dim=2)
+    net = module()
+    trainer(cb, strategy=strategy).fit(net, DataLoader(batch_rows(data), batch_size=2))
+    want = ["attention_mask", "input_ids", "labels"] + (["example_id"] if keeps else [])
+    assert net.seen == [sorted(want)] * 2
+    assert sorted(GradientStore.open(tmp_path / "g.zarr").example_ids.tolist()) == [
+        100,
+        101,
+        102,
+        103,
+    ]

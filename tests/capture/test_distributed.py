@@ -10,7 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from oracles import assert_rows_match, rows_by_id
+from oracles import (
+    assert_rows_match,
+    lm_batch,
+    module_grad,
+    oracle_lm_grads,
+    rows_by_id,
+    tiny_gpt_neox,
+)
 from safetensors.torch import load_file
 
 from lightning_bergson import GradientStore
@@ -20,6 +27,7 @@ sys.path.insert(0, str(SCRIPT.parent))
 import capture_run  # noqa: E402
 
 COMMON = ["--num", "16", "--epochs", "2"]
+MODULES = ["gpt_neox.layers.0.attention.query_key_value", "gpt_neox.layers.1.mlp.dense_4h_to_h"]
 
 
 def run(out: Path, *args: str, processes: int = 1) -> GradientStore:
@@ -66,6 +74,26 @@ def test_two_processes_equal_one(tmp_path, single, strategy):
     assert mine.keys() == ref.keys()
     for key, value in ref.items():
         torch.testing.assert_close(mine[key], value, rtol=1e-5, atol=1e-12)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "bergson_fsdp2"])
+def test_ragged_lengths_under_two_processes_equal_the_oracle(tmp_path, strategy):
+    """Uneven lengths and masked prompts: each rank's token mean weights its examples by
+    1 / (its own supervised tokens), yet every row is the example's own summed-loss gradient
+    (lr=0 keeps the parameters; exact rows of two modules; normalizer none)."""
+    args = ["--batch-size", "2", "--strategy", strategy, "--ragged", "--lr", "0",
+            "--normalizer", "none", "--projection-dim", "0", "--include", *MODULES]  # fmt: skip
+    store = run(tmp_path / "run", *args, processes=2)
+    assert store.attrs["world_size"] == 2 and sorted(set(store.ranks.tolist())) == [0, 1]
+    data = lm_batch(num=16, seq=8, seed=1, prompt=True)  # the script's data
+    assert len(set(data["attention_mask"].sum(1).tolist())) > 1  # ragged
+    grads = oracle_lm_grads(tiny_gpt_neox(), data, "sum")
+    full = torch.cat([module_grad(grads, m).flatten(1) for m in MODULES], dim=1)
+    want = {
+        (int(i), s): full[int(i) - 100] for i, s in zip(store.example_ids, store.steps, strict=True)
+    }
+    assert_rows_match(rows_by_id(store, with_step=True), want)
+    assert len(want) == 32  # 16 examples x 2 epochs, none missing or doubled
 
 
 def test_accumulation_one_vs_four(tmp_path, single):

@@ -208,6 +208,7 @@ def test_shipped_index_config_is_the_flags_default(request):
     assert yaml.safe_load((root / "configs" / "index.yaml").read_text()) == index_config()
 
 
+@pytest.mark.compare
 def test_rows_equal_bergson_build(tmp_path, model_dir):
     """``index --projection_dim 0`` and ``bergson build`` store the same rows."""
     pytest.importorskip("bergson")

@@ -21,6 +21,8 @@ from torch.utils.data import DataLoader
 from lightning_bergson import EkfacModule
 from lightning_bergson.models import causal_lm_losses
 
+pytestmark = pytest.mark.compare
+
 NUM_TRAIN, NUM_QUERY, SEQ = 32, 4, 12
 
 
@@ -106,3 +108,5 @@ def test_pairwise_scores_match_kronfluence(tmp_path):
     rel = float((ours - theirs.to(ours)).norm() / theirs.norm())
     rhos = [round(_spearman(ours[q], theirs[q].to(ours)), 6) for q in range(NUM_QUERY)]
     print(f"per-query Spearman vs Kronfluence: {rhos}; relative score difference {rel:.2e}")
+    assert rel <= 1e-5, rel  # the README quotes 5e-7 (float32 on both sides)
+    assert min(rhos) >= 0.9999, rhos
