@@ -119,6 +119,71 @@ def test_logit_scales_recover_weights_and_flag_other_losses():
     assert residual[:2].min() > 1e-2
 
 
+@pytest.mark.parametrize("chunk", [2, 256])
+def test_logit_scales_over_positions_in_several_chunks(monkeypatch, chunk):
+    """Long sequences are scanned in chunks of positions: every chunk counts (S=9 > chunk=2),
+    with V != S so positions and vocabulary are not confused, in float32 and bfloat16."""
+    from lightning_bergson.capture import scaling
+
+    monkeypatch.setattr(scaling, "_CHUNK", chunk)
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 9, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 4, (2, 9), generator=gen)
+    labels[1, :5] = -100  # a masked prompt: example 1's supervised tokens all in late chunks
+    sums = torch.stack([F.cross_entropy(logits[i, :-1], labels[i, 1:], reduction="sum")
+                        for i in range(2)])  # fmt: skip
+    (torch.tensor([0.25, 4.0], dtype=torch.float64) * sums).sum().backward()
+    c, residual = lm_logit_scales(logits.detach().float(), labels, logits.grad.float())
+    assert c.dtype == residual.dtype == torch.float64
+    torch.testing.assert_close(c, torch.tensor([0.25, 4.0], dtype=torch.float64), rtol=1e-5, atol=0)
+    assert float(residual.max()) < 1e-5
+    # bfloat16 logits: the residual direction is formed in float32, so c stays accurate
+    low = logits.detach().bfloat16()
+    logits2 = low.double().requires_grad_(True)
+    sums2 = torch.stack([F.cross_entropy(logits2[i, :-1], labels[i, 1:], reduction="sum")
+                         for i in range(2)])  # fmt: skip
+    (torch.tensor([0.25, 4.0], dtype=torch.float64) * sums2).sum().backward()
+    c16, _ = lm_logit_scales(low, labels, logits2.grad.float())
+    torch.testing.assert_close(
+        c16, torch.tensor([0.25, 4.0], dtype=torch.float64), rtol=1e-5, atol=0
+    )
+
+
+def test_declared_scales_clamp_empty_examples_and_sum():
+    """An example with one supervised token weighs 1 / (B * 1); one with none is clamped to a
+    count of 1 (it gets no gradient anyway); ``"sum"`` weighs every example 1."""
+    tokens = torch.tensor([0, 1, 4])
+    torch.testing.assert_close(
+        declared_scales("example_mean", tokens),
+        torch.tensor([1 / 3, 1 / 3, 1 / 12], dtype=torch.float64),
+    )
+    torch.testing.assert_close(
+        declared_scales("token_mean", torch.tensor([0, 1])), torch.ones(2, dtype=torch.float64)
+    )
+    torch.testing.assert_close(
+        declared_scales("sum", tokens, accumulate=4, loss_scale=2.0),
+        torch.full((3,), 0.5, dtype=torch.float64),
+    )
+    with pytest.raises(ValueError, match=r"batch_reduction='mean' is not one of 'token_mean'"):
+        declared_scales("mean", tokens)
+
+
+def test_row_scales_are_float64_whatever_c_is():
+    c = torch.tensor([0.1, 3.0], dtype=torch.float32)
+    got = row_scales(c, torch.tensor([3, 7], dtype=torch.int32))
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(
+        got, 1 / (c.double() * torch.tensor([3.0, 7.0], dtype=torch.float64))
+    )
+
+
+def test_residual_tolerance_by_dtype():
+    from lightning_bergson.capture.scaling import residual_tolerance
+
+    assert residual_tolerance(torch.float32) == residual_tolerance(torch.float64) == 1e-3
+    assert residual_tolerance(torch.float16) == residual_tolerance(torch.bfloat16) == 5e-2
+
+
 def test_declared_scales_and_row_scales_closed_forms():
     tokens = torch.tensor([2, 3, 5])
     torch.testing.assert_close(
