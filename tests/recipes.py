@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import lightning.pytorch as L
 import torch
-from oracles import Rows, assert_rows_match, rows_by_id
+from oracles import Rows, assert_rows_match, example_losses, rows_by_id
 from oracles import tiny_gpt2 as oracle_gpt2
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -69,6 +69,19 @@ def loop_oracle(network: nn.Module, names: list[str], loss_of: callable, ids) ->
         ]
         out[int(i)] = torch.cat(parts).detach().float()
     return out
+
+
+def summed_lm_loss(network: nn.Module, batch: dict[str, Tensor]):
+    """``loss_of(i)``: example ``i``'s summed shifted token loss, the example run alone."""
+
+    def loss_of(i: int) -> Tensor:
+        logits = network(
+            input_ids=batch["input_ids"][i : i + 1],
+            attention_mask=batch["attention_mask"][i : i + 1],
+        ).logits
+        return example_losses(logits, batch["labels"][i : i + 1])[0]
+
+    return loss_of
 
 
 def assert_store_matches(path, want: dict[int, Tensor], tol: float = 1e-5) -> GradientStore:

@@ -149,6 +149,34 @@ def test_logit_scales_over_positions_in_several_chunks(monkeypatch, chunk):
     )
 
 
+@pytest.mark.parametrize("chunk", [2, 3, 256])
+def test_logit_scales_are_the_least_squares_fit(monkeypatch, chunk):
+    """For a gradient not of the rule's form, ``c_i = <G_i, D_i> / <D_i, D_i>`` and the residual
+    ``|G_i - c_i D_i| / |G_i|`` over all positions, written out with an explicit ``D``;
+    example 1 has a single, well-predicted supervised token (``<D, D>`` well below 1)."""
+    from lightning_bergson.capture import scaling
+
+    monkeypatch.setattr(scaling, "_CHUNK", chunk)
+    gen = torch.Generator().manual_seed(2)
+    logits = torch.randn(2, 7, 5, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, 5, (2, 7), generator=gen)
+    labels[1] = -100
+    labels[1, 4] = 2
+    logits[1, 3, 2] = 6.0  # position 3 predicts label 2 with p ~ 0.98
+    grad = torch.randn(2, 7, 5, generator=gen, dtype=torch.float64)
+    d = torch.softmax(logits, -1)  # (B, S, V)
+    target = torch.cat([labels[:, 1:], torch.full((2, 1), -100)], dim=1)  # (B, S)
+    keep = target != -100
+    d = d - F.one_hot(target.clamp(min=0), 5).double()
+    d = d * keep[..., None]
+    assert float(d[1].square().sum()) < 0.01
+    want_c = (grad * d).sum((1, 2)) / d.square().sum((1, 2))
+    want_res = (grad - want_c[:, None, None] * d).norm(dim=(1, 2)) / grad.norm(dim=(1, 2))
+    c, residual = lm_logit_scales(logits, labels, grad)
+    torch.testing.assert_close(c, want_c)
+    torch.testing.assert_close(residual, want_res)
+
+
 def test_declared_scales_clamp_empty_examples_and_sum():
     """An example with one supervised token weighs 1 / (B * 1); one with none is clamped to a
     count of 1 (it gets no gradient anyway); ``"sum"`` weighs every example 1."""
@@ -164,14 +192,16 @@ def test_declared_scales_clamp_empty_examples_and_sum():
         declared_scales("sum", tokens, accumulate=4, loss_scale=2.0),
         torch.full((3,), 0.5, dtype=torch.float64),
     )
-    with pytest.raises(ValueError, match=r"batch_reduction='mean' is not one of 'token_mean'"):
+    with pytest.raises(
+        ValueError, match=r"'mean' is not one of 'token_mean', 'example_mean', 'sum'$"
+    ):
         declared_scales("mean", tokens)
 
 
 def test_row_scales_are_float64_whatever_c_is():
     c = torch.tensor([0.1, 3.0], dtype=torch.float32)
     got = row_scales(c, torch.tensor([3, 7], dtype=torch.int32))
-    assert got.dtype == torch.float64
+    assert got.dtype == torch.float64 and row_scales(c).dtype == torch.float64
     torch.testing.assert_close(
         got, 1 / (c.double() * torch.tensor([3.0, 7.0], dtype=torch.float64))
     )
