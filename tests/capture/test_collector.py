@@ -114,6 +114,17 @@ def test_projection_is_seeded_and_device_independent():
         assert torch.equal(gpu.cpu(), a)
 
 
+def test_projection_cache_builds_each_matrix_once_per_device():
+    from lightning_bergson.capture.projection import ProjectionCache
+
+    cache = ProjectionCache(4, seed=3)
+    first = cache.get(["a", "b"], "left", 6, torch.float32, "cpu")  # (2, 4, 6)
+    assert cache.get(["a", "b"], "left", 6, torch.float32, "cpu") is first  # built once
+    assert torch.equal(first[1], proj(4, 6, seed=3, key="b", side="left"))
+    assert cache.get(["a", "b"], "left", 6, torch.float32, "meta").device.type == "meta"
+    assert cache.dim == 4 and cache.seed == 3
+
+
 def test_projection_follows_the_documented_seeding_rule():
     """``sha256("<seed>/<key>/<side>")`` seeds a CPU generator whose bits are the signs."""
     for key in ("fc", "gpt_neox.layers.0.attention.query_key_value.head_3"):

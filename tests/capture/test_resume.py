@@ -55,30 +55,28 @@ def uninterrupted(tmp_path_factory) -> GradientStore:
 
 
 @pytest.mark.parametrize(
-    ("kill_batch", "when", "ckpt_every"),
+    ("kill_batch", "when", "ckpt_every", "chunk"),
     [
-        (6, "end", 1),  # mid-epoch, mid accumulation window, rows waiting for their step
-        (11, "backward", 2),  # inside a backward pass of epoch 1; last checkpoint at epoch end
+        (6, "end", 1, []),  # mid-epoch, mid accumulation window, rows waiting for their step
+        (11, "backward", 2, []),  # inside a backward of epoch 1; last checkpoint at epoch end
+        # chunks of 2 rows: step 2's rows are committed after the checkpoint of step 1, so
+        # the store holds more rows than the checkpoint says; the resume must drop them
+        (6, "end", 2, ["--chunk-rows", "2"]),
     ],
 )
 def test_sigkill_then_resume_equals_uninterrupted(
-    tmp_path, uninterrupted, kill_batch, when, ckpt_every
+    tmp_path, uninterrupted, kill_batch, when, ckpt_every, chunk
 ):
-    killed = script(
-        tmp_path,
-        "--ckpt-every",
-        str(ckpt_every),
-        "--kill-batch",
-        str(kill_batch),
-        "--kill-when",
-        when,
-    )
+    common = ["--ckpt-every", str(ckpt_every), *chunk]
+    killed = script(tmp_path, *common, "--kill-batch", str(kill_batch), "--kill-when", when)
     assert killed.returncode == -signal.SIGKILL
     with pytest.warns(IncompleteStoreWarning):
         partial = GradientStore.open(tmp_path / "grads.zarr")
     assert not partial.complete and len(partial) < len(uninterrupted)
 
-    resumed = script(tmp_path, "--ckpt-every", str(ckpt_every), "--resume")
+    if chunk:  # the case this parameter is for: committed rows beyond the checkpoint
+        assert len(partial) > 8  # the checkpoint of step 1 holds 2 steps x 4 rows
+    resumed = script(tmp_path, *common, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     store = GradientStore.open(tmp_path / "grads.zarr")
     assert store.complete
