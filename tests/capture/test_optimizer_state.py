@@ -157,3 +157,52 @@ def test_adam_normalizer_closed_form():
     fact = norm.to_adafactor()  # row and column means
     torch.testing.assert_close(fact.row, torch.tensor([2.5, 4.625]))
     torch.testing.assert_close(fact.col, torch.tensor([2.125, 5.0]))
+
+
+def test_normalizers_follow_the_gradients_dtype_and_device():
+    """Moments stored in float32 normalize float64 gradients in float64, on the gradients'
+    device (``meta`` stands in for a GPU: a CPU moment would not combine with it)."""
+    v = torch.tensor([[1 / 3, 2.0], [5.0, 1 / 7]])  # float32
+    grads = torch.ones(1, 2, 2, dtype=torch.float64)
+    want = 1 / (v.double().sqrt() + 0.5)
+    torch.testing.assert_close(
+        AdamNormalizer(v, eps=0.5).normalize(grads)[0], want, rtol=1e-12, atol=0
+    )
+    r, c = torch.tensor([1 / 3, 3.0]), torch.tensor([0.7, 1 / 9])  # float32
+    fact = AdafactorNormalizer(r, c)
+    rd, cd = r.double(), c.double()
+    want = 1 / (rd[:, None] * cd[None] / rd.mean()).sqrt()
+    torch.testing.assert_close(fact.normalize(grads)[0], want, rtol=1e-12, atol=0)
+    meta = torch.ones(1, 2, 2, device="meta")
+    assert AdamNormalizer(v).normalize(meta).device.type == "meta"
+    assert fact.normalize(meta).device.type == "meta"
+
+
+def test_conversions_and_bad_input_name_the_problem(tmp_path):
+    from safetensors.torch import save_file
+
+    from lightning_bergson.capture.normalizers import convert, normalizer_from_tensors
+
+    fact = AdafactorNormalizer(torch.tensor([1.0, 4.0]), torch.tensor([2.5, 10.0, 0.625]))
+    adam = convert(fact, "adam")
+    assert isinstance(adam, AdamNormalizer) and convert(adam, "adam") is adam
+    torch.testing.assert_close(adam.avg_sq, torch.tensor([[1.0, 4.0, 0.25], [4.0, 16.0, 1.0]]))
+    assert isinstance(convert(adam, "adafactor"), AdafactorNormalizer)
+    with pytest.raises(ValueError, match="cannot convert a normalizer to 'sgd'"):
+        convert(fact, "sgd")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="unknown normalizer kind 'sgd'; expected 'adam' or"):
+        normalizer_from_tensors("sgd", {}, 0.0)
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match=r"other\.safetensors is not a lightning_bergson normal"):
+        load_normalizers(tmp_path / "other.safetensors")
+
+
+def test_saved_normalizers_keep_their_eps(tmp_path):
+    norms = {
+        "a": AdamNormalizer(torch.full((2, 3), 4.0), eps=0.5),
+        "b": AdafactorNormalizer(torch.ones(2), torch.ones(3), eps=1e-3),
+    }
+    save_normalizers(tmp_path / "n.safetensors", norms)
+    back = load_normalizers(tmp_path / "n.safetensors")
+    assert (back["a"].eps, back["b"].eps) == (0.5, 1e-3)
+    assert back["a"].kind == "adam" and back["b"].kind == "adafactor"
