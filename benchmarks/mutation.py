@@ -53,7 +53,10 @@ MODULES: dict[str, tuple[str, list[str]]] = {
     "store_writer": ("lightning_bergson/store/writer.py", ["tests/store/test_store.py"]),
     "preconditioners": (
         "lightning_bergson/attribution/preconditioners.py",
-        ["tests/attribution/test_preconditioner.py"],
+        [
+            "tests/attribution/test_preconditioner.py",
+            "tests/attribution/test_preconditioner_contract.py",
+        ],
     ),
     "ekfac_factors": (
         "lightning_bergson/ekfac/factors.py",
