@@ -49,7 +49,10 @@ MODULES: dict[str, tuple[str, list[str]]] = {
         ["tests/capture/test_optimizer_state.py"],
     ),
     "hooks": ("lightning_bergson/capture/hooks.py", ["tests/capture/test_collector.py"]),
-    "store_reader": ("lightning_bergson/store/reader.py", ["tests/store/test_store.py"]),
+    "store_reader": (
+        "lightning_bergson/store/reader.py",
+        ["tests/store/test_store.py", "tests/store/test_reader_contract.py"],
+    ),
     "store_writer": ("lightning_bergson/store/writer.py", ["tests/store/test_store.py"]),
     "preconditioners": (
         "lightning_bergson/attribution/preconditioners.py",
