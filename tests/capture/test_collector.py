@@ -123,6 +123,8 @@ def test_projection_cache_builds_each_matrix_once_per_device():
     assert torch.equal(first[1], proj(4, 6, seed=3, key="b", side="left"))
     assert cache.get(["a", "b"], "left", 6, torch.float32, "meta").device.type == "meta"
     assert cache.dim == 4 and cache.seed == 3
+    default = ProjectionCache(3).get(["a"], "right", 5, torch.float32, "cpu")  # seed 0
+    assert torch.equal(default[0], proj(3, 5, seed=0, key="a", side="right"))
 
 
 def test_projection_follows_the_documented_seeding_rule():
