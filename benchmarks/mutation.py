@@ -41,7 +41,7 @@ MODULES: dict[str, tuple[str, list[str]]] = {
             "tests/capture/test_optimizer_state.py",
             "tests/capture/test_collector.py",
             "-k",
-            "normaliz or adafactor or adam or closed_form",
+            "normaliz or adafactor or adam or closed_form or conversions",
         ],
     ),
     "optimizer_state": (
