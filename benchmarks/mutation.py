@@ -51,7 +51,14 @@ MODULES: dict[str, tuple[str, list[str]]] = {
     "hooks": ("lightning_bergson/capture/hooks.py", ["tests/capture/test_collector.py"]),
     "store_reader": (
         "lightning_bergson/store/reader.py",
-        ["tests/store/test_store.py", "tests/store/test_reader_contract.py"],
+        [
+            "tests/store/test_store.py",
+            "tests/store/test_reader_contract.py",
+            # mutmut's trampolines add stack frames, so the warning-location test cannot
+            # pass under it (the baseline would fail and no mutant would run)
+            "-k",
+            "not callers_line",
+        ],
     ),
     "store_writer": ("lightning_bergson/store/writer.py", ["tests/store/test_store.py"]),
     "preconditioners": (

@@ -76,6 +76,11 @@ def test_no_rows_give_zero_float64_moments_of_each_block():
         "head": ((1, 1), F64),
     }
     assert all(not v.any() for v in sums.values())
+    no_chunks, none = accumulate_second_moments([], BLOCKS)
+    assert none == 0 and {k: (tuple(v.shape), v.dtype) for k, v in no_chunks.items()} == {
+        "fc": ((2, 2), F64),
+        "head": ((1, 1), F64),
+    }
 
 
 def moments(scale: float = 1.0) -> dict[str, torch.Tensor]:
@@ -150,6 +155,8 @@ def test_apply_keeps_dtype_device_and_a_subset_of_blocks():
     assert pre.apply(x.to("meta"), -1.0).device.type == "meta"
     with pytest.raises(ValueError, match=r"^rows have 4 columns but the blocks 3$"):
         pre.apply(torch.ones(1, 4), -1.0)
+    with pytest.raises(ValueError, match=r"^rows have 4 columns but the blocks 5$"):
+        pre.apply(torch.ones(1, 4), -1.0, blocks=[BLOCKS[0], BLOCKS[1], BLOCKS[0]])
 
 
 def test_saved_file_round_trips_rows_info_and_damping(tmp_path):
