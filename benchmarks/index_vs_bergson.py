@@ -253,11 +253,17 @@ def main() -> None:
         "--bergson-python", default=sys.executable, help="interpreter with bergson installed"
     )
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument(
+        "--smoke", action="store_true", help="a tiny case, one round: checks the script runs"
+    )
     parser.add_argument("--floor", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.floor:
         floor_main(args.floor[0], args.floor[1], int(args.floor[2]))
         return
+    if args.smoke:  # hidden 16, 1 layer, 24 documents; not a measurement
+        CASES["smoke"] = {"hidden": 16, "layers": 1, "heads": 2, "vocab": None, "docs": 24}
+        args.cases, args.repeats = ["smoke"], 1
     if args.bergson_python and not has_bergson(args.bergson_python):
         args.bergson_python = None
     root = Path(tempfile.mkdtemp())

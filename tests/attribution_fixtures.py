@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from oracles import Rows
 
 from lightning_bergson.store import GradientStoreWriter, layout_blocks
 
@@ -74,36 +73,3 @@ def damped_inverse_power(h: np.ndarray, power: float, damping: float) -> np.ndar
         return inv
     assert power == -0.5
     return np.real(sqrtm(inv))
-
-
-def fit_with_capture(module, data, callback, *, batch_size: int = 3, max_epochs: int = 1):
-    """Fit ``module`` on the batch dict ``data`` (no shuffling) with ``callback`` attached."""
-    import lightning.pytorch as L
-    from torch.utils.data import DataLoader
-
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_epochs=max_epochs,
-        callbacks=[callback],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    trainer.fit(module, DataLoader(Rows(data), batch_size=batch_size))
-    return trainer
-
-
-def rows_by_id(path) -> dict[int, torch.Tensor]:
-    """Stored rows (float64) keyed by example id (last row wins)."""
-    from lightning_bergson import GradientStore
-
-    store = GradientStore.open(path)
-    rows = store.read(slice(None), dtype=torch.float64)
-    return {int(i): rows[k] for k, i in enumerate(store.example_ids)}
-
-
-def assert_row_close(got: torch.Tensor, want: torch.Tensor, tol: float = 1e-5) -> None:
-    """Relative error of a whole row, ``|got - want| / |want|`` (float32 sums reorder)."""
-    err = float((got.double() - want.double()).norm() / want.double().norm().clamp(min=1e-30))
-    assert err <= tol, err

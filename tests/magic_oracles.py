@@ -12,10 +12,10 @@ from collections.abc import Sequence
 
 import lightning.pytorch as L
 import torch
-from oracles import Rows, lm_batch
+from oracles import Rows, lm_batch, tiny_gpt_neox
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
-from transformers import AttentionInterface, GPTNeoXConfig, GPTNeoXForCausalLM
+from transformers import AttentionInterface, GPTNeoXForCausalLM
 
 from lightning_bergson.magic.functional import OptimizerConfig, batch_weights
 from lightning_bergson.magic.reverse import metagradients
@@ -40,19 +40,18 @@ AttentionInterface.register("eager_float64", eager_float64)
 
 def tiny_model(attn: str = "eager_float64", dropout: float = 0.0) -> GPTNeoXForCausalLM:
     """1 layer, hidden 16, float64, fixed init."""
-    torch.manual_seed(0)
-    cfg = GPTNeoXConfig(
-        vocab_size=VOCAB,
+    return tiny_gpt_neox(
+        0,
+        VOCAB,
+        torch.float64,
         hidden_size=16,
         num_hidden_layers=1,
         num_attention_heads=2,
         intermediate_size=32,
         max_position_embeddings=16,
         attn_implementation=attn,
-        hidden_dropout=dropout,
-        attention_dropout=dropout,
+        dropout=dropout,
     )
-    return GPTNeoXForCausalLM(cfg).double()
 
 
 def tiny_batches(num: int = 6, batch: int = 2, seq: int = 6, seed: int = 1) -> list[dict]:

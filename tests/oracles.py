@@ -2,36 +2,68 @@
 
 from __future__ import annotations
 
+import hashlib
+from functools import partial
+
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 
-def tiny_gpt_neox(seed: int = 0, vocab_size: int = 97, dtype: torch.dtype = torch.float32):
-    """A 2-layer GPT-NeoX small enough for exact oracles (eager attention, no dropout)."""
+def tiny_gpt_neox(
+    seed: int = 0,
+    vocab_size: int = 97,
+    dtype: torch.dtype = torch.float32,
+    *,
+    hidden_size: int = 32,
+    num_hidden_layers: int = 2,
+    num_attention_heads: int = 4,
+    intermediate_size: int = 64,
+    max_position_embeddings: int = 64,
+    attn_implementation: str = "eager",
+    dropout: float = 0.0,
+):
+    """A GPT-NeoX small enough for exact oracles (2 layers by default, no dropout).
+
+    The one definition of the tiny test LM: the MAGIC tests use a 1-layer float64 variant
+    with their own attention, the index tests save one with ``save_pretrained``.
+    """
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     torch.manual_seed(seed)
     cfg = GPTNeoXConfig(
         vocab_size=vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        attn_implementation="eager",
+        hidden_size=hidden_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads,
+        intermediate_size=intermediate_size,
+        max_position_embeddings=max_position_embeddings,
+        attn_implementation=attn_implementation,
+        hidden_dropout=dropout,
+        attention_dropout=dropout,
     )
     return GPTNeoXForCausalLM(cfg).to(dtype)
 
 
-def lm_batch(num: int = 6, seq: int = 10, vocab_size: int = 97, seed: int = 1) -> dict[str, Tensor]:
-    """A right-padded causal-LM batch with uneven lengths and example ids."""
+def lm_batch(
+    num: int = 6, seq: int = 10, vocab_size: int = 97, seed: int = 1, *, prompt: bool = False
+) -> dict[str, Tensor]:
+    """A right-padded causal-LM batch with uneven lengths and example ids.
+
+    Args:
+        prompt: Mask a prompt of 2 .. length-2 tokens in every example (labels -100 where
+            the attention mask is 1), so supervised tokens differ from attended tokens.
+    """
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab_size, (num, seq), generator=gen)
     lengths = torch.randint(seq // 2, seq + 1, (num,), generator=gen)
     lengths[0] = seq
     mask = (torch.arange(seq)[None] < lengths[:, None]).long()
     labels = ids.masked_fill(mask == 0, -100)
+    if prompt:
+        cut = [int(torch.randint(2, max(int(n) - 1, 3), (1,), generator=gen)) for n in lengths]
+        for i, c in enumerate(cut):
+            labels[i, :c] = -100  # (S,): the prompt is attended to but not supervised
     return {
         "input_ids": ids,
         "attention_mask": mask,
@@ -177,12 +209,105 @@ MICRO = {
 
 
 def micro_gpt_neox(dtype: torch.dtype = torch.float64) -> nn.Module:
-    """A GPT-NeoX small enough for dense (E)K-FAC blocks in brute-force oracles."""
-    from lightning_bergson import CausalLMModule
+    """A GPT-NeoX small enough for dense (E)K-FAC blocks in brute-force oracles (``MICRO``)."""
+    keys = {k: v for k, v in MICRO.items() if k not in ("model_type", "vocab_size")}
+    return tiny_gpt_neox(0, MICRO["vocab_size"], dtype, **keys)
 
-    return CausalLMModule(config=MICRO).model.to(dtype)
+
+def batch_rows(*batches: dict[str, Tensor], drop: tuple[str, ...] = ()) -> list[dict[str, Tensor]]:
+    """Dict batches as one list of per-example dicts (a dataset a DataLoader re-collates).
+
+    Args:
+        drop: Keys left out (e.g. ``("example_id",)`` for a dataset without ids).
+    """
+    return [
+        {k: v[i] for k, v in batch.items() if k not in drop}
+        for batch in batches
+        for i in range(len(next(iter(batch.values()))))
+    ]
 
 
-def batch_rows(batch: dict[str, Tensor]) -> list[dict[str, Tensor]]:
-    """A dict batch as a list of per-example dicts (a dataset a DataLoader re-collates)."""
-    return [{k: v[i] for k, v in batch.items()} for i in range(len(batch["input_ids"]))]
+# ---------------------------------------------------------------- stored rows against oracles
+
+
+def rows_by_id(
+    store, *, modules=None, dtype: torch.dtype = torch.float32, with_step: bool = False
+) -> dict:
+    """Stored rows keyed by example id, or by ``(example id, step)`` (a later row wins).
+
+    Args:
+        store: A ``GradientStore`` or the path of one.
+        modules: Block selection passed to ``GradientStore.read``.
+        dtype: Dtype of the returned rows.
+        with_step: Key by ``(example_id, step)``, so several epochs of an id stay apart.
+    """
+    from lightning_bergson import GradientStore
+
+    if not isinstance(store, GradientStore):
+        store = GradientStore.open(store)
+    rows = store.read(slice(None), modules=modules, dtype=dtype)
+    keys = (
+        [(int(i), int(s)) for i, s in zip(store.example_ids, store.steps, strict=True)]
+        if with_step
+        else [int(i) for i in store.example_ids]
+    )
+    return dict(zip(keys, rows, strict=True))
+
+
+def assert_rows_match(got: dict, want: dict, tol: float = 1e-5) -> None:
+    """Same keys, and every row within ``tol`` relative L2 error of its oracle row."""
+    assert sorted(got) == sorted(want)  # none missing, none doubled
+    for key, row in want.items():
+        row = row.double()
+        err = float((got[key].double() - row).norm() / row.norm().clamp(min=1e-30))
+        assert err <= tol, (key, err)
+
+
+# ---------------------------------------------------------------- independent oracles
+
+
+def documented_projection(
+    p: int, features: int, *, seed: int, key: str, side: str, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """The projection matrix by the rule DESIGN.md documents, written out independently.
+
+    ``sha256("<seed>/<key>/<side>")``, its first 8 bytes little-endian, top bit cleared, seed a
+    CPU generator; ``p x features`` bits from it become ``+-1/sqrt(p)``.
+    """
+    digest = hashlib.sha256(f"{seed}/{key}/{side}".encode()).digest()
+    gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+    bits = torch.randint(0, 2, (p, features), generator=gen, dtype=torch.int8, device="cpu")
+    return ((bits.double() * 2 - 1) / p**0.5).to(dtype)
+
+
+def explicit_covariances(model: nn.Module, batch: dict[str, Tensor], names, bias: bool) -> dict:
+    """EK-FAC's ``A`` and ``S`` by token-by-token sums of ``a a^T`` and ``g g^T`` (float64).
+
+    ``g`` is the ``.grad`` of each module's retained output after backpropagating the summed
+    shifted token losses of ``batch["labels"]``; sums run over the tokens the attention mask
+    keeps and are divided by their number.
+    """
+    inputs, outputs = {}, {}
+
+    def keep(name, module, args, out):
+        inputs[name] = args[0].detach()
+        out.retain_grad()
+        outputs[name] = out
+
+    modules = dict(model.named_modules())
+    hooks = [modules[n].register_forward_hook(partial(keep, n)) for n in names]
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    example_losses(logits, batch["labels"]).sum().backward()
+    for h in hooks:
+        h.remove()
+    tokens = batch["attention_mask"].nonzero().tolist()
+    out = {}
+    for n in names:
+        a, g = inputs[n].double(), outputs[n].grad.double()
+        if bias:
+            a = torch.cat([a, torch.ones(*a.shape[:-1], 1, dtype=a.dtype)], -1)
+        a_sum = sum(torch.outer(a[b, t], a[b, t]) for b, t in tokens)
+        g_sum = sum(torch.outer(g[b, t], g[b, t]) for b, t in tokens)
+        out[n] = (a_sum / len(tokens), g_sum / len(tokens))
+    model.zero_grad()
+    return out

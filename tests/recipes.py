@@ -9,26 +9,44 @@ from __future__ import annotations
 
 import lightning.pytorch as L
 import torch
+from oracles import Rows, assert_rows_match, example_losses, rows_by_id
+from oracles import tiny_gpt2 as oracle_gpt2
 from torch import Tensor, nn
 from torch.nn import functional as F
+from torch.utils.data import DataLoader
 
 from lightning_bergson import GradientStore
 
 
-def trainer(callback, *, strategy="auto", accumulate=1, max_steps=-1, max_epochs=1, **kw):
+def trainer(*callbacks, strategy="auto", accumulate=1, max_steps=-1, max_epochs=1, **kw):
+    """A quiet CPU ``Trainer`` (no logger, checkpoints, progress bar or summary)."""
     return L.Trainer(
         accelerator="cpu",
         strategy=strategy,
         max_epochs=max_epochs,
         max_steps=max_steps,
         accumulate_grad_batches=accumulate,
-        callbacks=[callback],
+        callbacks=list(callbacks),
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         **kw,
     )
+
+
+def fit_with_capture(module, data, callback, *, batch_size=3, shuffle=False, **trainer_kw):
+    """Fit ``module`` on the batch dict ``data`` with ``callback``; returns the trainer.
+
+    Args:
+        shuffle: Shuffle with a fixed generator (each epoch another order, every run the same).
+        trainer_kw: ``accumulate``, ``max_epochs``, ``max_steps``, ... of :func:`trainer`.
+    """
+    fit = trainer(callback, **trainer_kw)
+    gen = torch.Generator().manual_seed(0)
+    loader = DataLoader(Rows(data), batch_size=batch_size, shuffle=shuffle, generator=gen)
+    fit.fit(module, loader)
+    return fit
 
 
 def weight_block(module: nn.Module, grad: Tensor) -> Tensor:
@@ -53,14 +71,23 @@ def loop_oracle(network: nn.Module, names: list[str], loss_of: callable, ids) ->
     return out
 
 
+def summed_lm_loss(network: nn.Module, batch: dict[str, Tensor]):
+    """``loss_of(i)``: example ``i``'s summed shifted token loss, the example run alone."""
+
+    def loss_of(i: int) -> Tensor:
+        logits = network(
+            input_ids=batch["input_ids"][i : i + 1],
+            attention_mask=batch["attention_mask"][i : i + 1],
+        ).logits
+        return example_losses(logits, batch["labels"][i : i + 1])[0]
+
+    return loss_of
+
+
 def assert_store_matches(path, want: dict[int, Tensor], tol: float = 1e-5) -> GradientStore:
     """Every stored row equals the oracle row of its example (relative L2 error <= tol)."""
     store = GradientStore.open(path)
-    rows = store.read(slice(None))
-    assert sorted(set(store.example_ids.tolist())) == sorted(want)
-    for k, i in enumerate(store.example_ids.tolist()):
-        err = ((rows[k] - want[i]).norm() / want[i].norm().clamp(min=1e-12)).item()
-        assert err <= tol, (i, err)
+    assert_rows_match(rows_by_id(store), want, tol)
     return store
 
 
@@ -203,9 +230,7 @@ class HFCausalModule(L.LightningModule):
 
 
 def tiny_gpt2(vocab: int = 41):
-    from oracles import tiny_gpt2 as gpt2
-
-    return gpt2(vocab_size=vocab)
+    return oracle_gpt2(vocab_size=vocab)
 
 
 def tiny_llama(vocab: int = 41):

@@ -66,7 +66,8 @@ def projection_matrix(
     if dim <= 0 or features <= 0:
         raise ValueError(f"projection shape must be positive, got dim={dim}, features={features}")
     gen = torch.Generator(device="cpu").manual_seed(stable_seed(seed, key, side))
-    bits = torch.randint(0, 2, (dim, features), generator=gen, dtype=torch.int8)  # (p, F)
+    # device="cpu": a default device (e.g. ``with torch.device("cuda")``) must not move it
+    bits = torch.randint(0, 2, (dim, features), generator=gen, dtype=torch.int8, device="cpu")
     signs = bits.to(dtype).mul_(2).sub_(1)
     return signs.mul_(1.0 / math.sqrt(dim)).to(device)
 

@@ -7,8 +7,8 @@ import copy
 import numpy as np
 import pytest
 import torch
-from attribution_fixtures import fit_with_capture
 from oracles import example_losses, lm_batch, tiny_gpt_neox
+from recipes import fit_with_capture
 
 from lightning_bergson import CausalLMModule, GradientCaptureCallback
 from lightning_bergson.attribution import Attributor

@@ -5,16 +5,22 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from attribution_fixtures import brute_scores, random_store
+from attribution_fixtures import brute_scores
 
 from lightning_bergson.attribution import Attributor
 
-pytest.importorskip("faiss")
+pytestmark = pytest.mark.compare
+
+
+@pytest.fixture(autouse=True)
+def faiss():
+    """Each test needs faiss-cpu (the compare extra); a skip is a failure under CI=true."""
+    return pytest.importorskip("faiss")
 
 
 @pytest.mark.parametrize(("cosine", "pre"), [(False, None), (True, None), (True, "fit")])
-def test_flat_index_equals_the_scan(tmp_path, cosine, pre):
-    path, rows, ids = random_store(tmp_path / "g.zarr", num=30)
+def test_flat_index_equals_the_scan(make_store, cosine, pre):
+    path, rows, ids = make_store(num=30)
     q = torch.randn(3, 24, generator=torch.Generator().manual_seed(2))
     kwargs = {"unit_norm": cosine, "preconditioner": pre}
     scan = Attributor(path, **kwargs)
@@ -33,8 +39,8 @@ def test_flat_index_equals_the_scan(tmp_path, cosine, pre):
     assert torch.equal(reused.search(q, k=5).rows, index.search(q, k=5).rows)
 
 
-def test_faiss_refuses_what_it_cannot_do(tmp_path):
-    path, _, _ = random_store(tmp_path / "g.zarr", num=5, epochs=1)
+def test_faiss_refuses_what_it_cannot_do(make_store):
+    path, _, _ = make_store(num=5, epochs=1)
     with pytest.raises(ValueError, match="example_reduce='none'"):
         Attributor(path, faiss="Flat", example_reduce="mean")
     with pytest.raises(ValueError, match="modules=None"):

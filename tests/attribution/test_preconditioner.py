@@ -126,12 +126,33 @@ def test_huge_blocks_need_a_projection():
         Preconditioner.fit([torch.zeros(1, 5000)], block)
 
 
-def test_rewritten_store_is_refitted(tmp_path):
+def test_rewritten_store_is_refitted(tmp_path, make_store):
     """Same row count, other rows (a store rewritten in place): the saved file is not reused."""
     old, _, _ = random_store(tmp_path / "old.zarr", num=6, epochs=1, seed=1)
     Attributor(old, preconditioner="fit")
-    path, rows, _ = random_store(tmp_path / "g.zarr", num=6, epochs=1, seed=2)  # same shape
+    path, rows, _ = make_store(num=6, epochs=1, seed=2)  # same shape
     (old / "preconditioners").rename(path / "preconditioners")  # a stale file left behind
     pre = Attributor(path, dtype=torch.float64, preconditioner="fit").preconditioner
     g = rows[:, :12]
     np.testing.assert_allclose(pre.moment("fc").numpy(), g.T @ g / len(g), rtol=1e-6)
+
+
+def test_non_finite_rows_are_left_out_of_the_preconditioner_and_rank_last(make_store):
+    """A store with NaN rows: H is the second moment of the finite rows only (eigh of a NaN
+    matrix would fail), and the ranking equals the closed form over the finite rows, with the
+    NaN rows after every finite one in both directions."""
+    nan = (1, 4, 9, 15, 22, 30, 37)
+    path, rows, _ = make_store(num=40, epochs=1, nan_rows=nan)
+    finite = np.setdiff1d(np.arange(40), nan)
+    attr = Attributor(path, dtype=torch.float64, preconditioner="fit", damping=0.2)
+    assert attr.preconditioner.num_rows == len(finite)
+    for name, (lo, hi) in OFFSETS.items():
+        g = rows[finite, lo:hi]
+        np.testing.assert_allclose(attr.preconditioner.moment(name).numpy(), g.T @ g / len(g))
+    q = torch.randn(2, 24, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    want = q.numpy() @ block_matrix(rows[finite], -1.0, 0.2) @ rows[finite].T  # (2, 33)
+    for reverse in (False, True):
+        got = attr.search(q, k=None, reverse=reverse).rows.numpy()  # (2, 40): the whole order
+        order = finite[np.argsort(want if reverse else -want, axis=1, kind="stable")]
+        np.testing.assert_array_equal(got[:, : len(finite)], order)
+        assert all(set(r[len(finite) :]) == set(nan) for r in got)

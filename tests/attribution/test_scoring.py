@@ -86,14 +86,22 @@ def test_example_reduce(store, how):
     assert (res.rows == -1).all()
 
 
-def test_non_finite_rows_rank_last(tmp_path):
-    path, _, _ = random_store(tmp_path / "g.zarr", num=10, epochs=1, nan_rows=(2, 5))
+def test_non_finite_rows_rank_last(make_store):
+    """36 finite rows among 40: the top and bottom 30 equal the brute-force order of the finite
+    rows (a NaN row ranked anywhere but last shifts them), NaN rows come after all of them."""
+    nan = (2, 5, 17, 31)
+    path, rows, _ = make_store(num=40, epochs=1, nan_rows=nan)
+    finite = np.setdiff1d(np.arange(40), nan)
     q = queries(num=2)
-    attr = Attributor(path, dtype=torch.float64)
+    want = brute_scores(q.numpy(), rows[finite], cosine=False)  # (2, 36)
+    attr = Attributor(path, dtype=torch.float64, chunk_rows=7)
     for reverse in (False, True):
-        res = attr.search(q, k=8, reverse=reverse)
-        assert not set(res.rows.flatten().tolist()) & {2, 5}
-    assert attr.search(q, k=None).rows.shape == (2, 10)
+        order = finite[np.argsort(want if reverse else -want, axis=1, kind="stable")]
+        res = attr.search(q, k=30, reverse=reverse)
+        np.testing.assert_array_equal(res.rows.numpy(), order[:, :30])
+        full = attr.search(q, k=None, reverse=reverse).rows.numpy()  # (2, 40)
+        np.testing.assert_array_equal(full[:, :36], order)
+        assert all(set(r[36:]) == set(nan) for r in full)
 
 
 @pytest.mark.parametrize(("query_reduce", "example_reduce"), [("none", "none"), ("max", "mean")])

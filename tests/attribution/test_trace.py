@@ -6,8 +6,16 @@ import copy
 
 import pytest
 import torch
-from attribution_fixtures import assert_row_close, fit_with_capture, rows_by_id
-from oracles import example_losses, lm_batch, module_grad, oracle_lm_grads, tiny_gpt_neox
+from oracles import (
+    assert_rows_match,
+    example_losses,
+    lm_batch,
+    module_grad,
+    oracle_lm_grads,
+    rows_by_id,
+    tiny_gpt_neox,
+)
+from recipes import fit_with_capture
 
 from lightning_bergson import CausalLMModule, GradientCaptureCallback, HeadConfig
 from lightning_bergson.attribution import Attributor, StoreMismatchError
@@ -49,13 +57,12 @@ def test_query_rows_equal_stored_rows(tmp_path, case):
         kwargs.update(normalizer_source="file", normalizer_path=norms)
     cb = GradientCaptureCallback(tmp_path / "g.zarr", dtype="float32", **kwargs)
     fit_with_capture(CausalLMModule(copy.deepcopy(net), lr=0.0, weight_decay=0.0), data, cb)
-    stored = rows_by_id(tmp_path / "g.zarr")
+    stored = rows_by_id(tmp_path / "g.zarr", dtype=torch.float64)
 
     attr = Attributor(tmp_path / "g.zarr", dtype=torch.float64)
     query = {k: v for k, v in data.items() if k != "example_id"}
     got = attr.query_gradients(net, query)  # (7, D)
-    for k, i in enumerate(data["example_id"].tolist()):
-        assert_row_close(got[k], stored[i])
+    assert_rows_match(dict(zip(data["example_id"].tolist(), got, strict=True)), stored)
     # the LightningModule resolves to the same network (root="auto")
     torch.testing.assert_close(attr.query_gradients(CausalLMModule(net), query), got)
 

@@ -9,11 +9,12 @@ import lightning.pytorch as L
 import pytest
 import torch
 from magic_oracles import tiny_batches, tiny_model, tiny_query
-from oracles import lm_batch
+from oracles import batch_rows, lm_batch, tiny_gpt_neox
+from recipes import trainer
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
-from lightning_bergson import CausalLMModule, EkfacModule, MagicModule
+from lightning_bergson import EkfacModule, MagicModule
 from lightning_bergson.batch import (
     IdStamped,
     MissingExampleIdError,
@@ -118,6 +119,101 @@ def test_logit_scales_recover_weights_and_flag_other_losses():
     assert residual[:2].min() > 1e-2
 
 
+@pytest.mark.parametrize("chunk", [2, 256])
+def test_logit_scales_over_positions_in_several_chunks(monkeypatch, chunk):
+    """Long sequences are scanned in chunks of positions: every chunk counts (S=9 > chunk=2),
+    with V != S so positions and vocabulary are not confused, in float32 and bfloat16."""
+    from lightning_bergson.capture import scaling
+
+    monkeypatch.setattr(scaling, "_CHUNK", chunk)
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 9, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 4, (2, 9), generator=gen)
+    labels[1, :5] = -100  # a masked prompt: example 1's supervised tokens all in late chunks
+    sums = torch.stack([F.cross_entropy(logits[i, :-1], labels[i, 1:], reduction="sum")
+                        for i in range(2)])  # fmt: skip
+    (torch.tensor([0.25, 4.0], dtype=torch.float64) * sums).sum().backward()
+    c, residual = lm_logit_scales(logits.detach().float(), labels, logits.grad.float())
+    assert c.dtype == residual.dtype == torch.float64
+    torch.testing.assert_close(c, torch.tensor([0.25, 4.0], dtype=torch.float64), rtol=1e-5, atol=0)
+    assert float(residual.max()) < 1e-5
+    # bfloat16 logits: the residual direction is formed in float32, so c stays accurate
+    low = logits.detach().bfloat16()
+    logits2 = low.double().requires_grad_(True)
+    sums2 = torch.stack([F.cross_entropy(logits2[i, :-1], labels[i, 1:], reduction="sum")
+                         for i in range(2)])  # fmt: skip
+    (torch.tensor([0.25, 4.0], dtype=torch.float64) * sums2).sum().backward()
+    c16, _ = lm_logit_scales(low, labels, logits2.grad.float())
+    torch.testing.assert_close(
+        c16, torch.tensor([0.25, 4.0], dtype=torch.float64), rtol=1e-5, atol=0
+    )
+
+
+@pytest.mark.parametrize("chunk", [2, 3, 256])
+def test_logit_scales_are_the_least_squares_fit(monkeypatch, chunk):
+    """For a gradient not of the rule's form, ``c_i = <G_i, D_i> / <D_i, D_i>`` and the residual
+    ``|G_i - c_i D_i| / |G_i|`` over all positions, written out with an explicit ``D``;
+    example 1 has a single, well-predicted supervised token (``<D, D>`` well below 1)."""
+    from lightning_bergson.capture import scaling
+
+    monkeypatch.setattr(scaling, "_CHUNK", chunk)
+    gen = torch.Generator().manual_seed(2)
+    logits = torch.randn(2, 7, 5, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, 5, (2, 7), generator=gen)
+    labels[1] = -100
+    labels[1, 4] = 2
+    logits[1, 3, 2] = 6.0  # position 3 predicts label 2 with p ~ 0.98
+    grad = torch.randn(2, 7, 5, generator=gen, dtype=torch.float64)
+    d = torch.softmax(logits, -1)  # (B, S, V)
+    target = torch.cat([labels[:, 1:], torch.full((2, 1), -100)], dim=1)  # (B, S)
+    keep = target != -100
+    d = d - F.one_hot(target.clamp(min=0), 5).double()
+    d = d * keep[..., None]
+    assert float(d[1].square().sum()) < 0.01
+    want_c = (grad * d).sum((1, 2)) / d.square().sum((1, 2))
+    want_res = (grad - want_c[:, None, None] * d).norm(dim=(1, 2)) / grad.norm(dim=(1, 2))
+    c, residual = lm_logit_scales(logits, labels, grad)
+    torch.testing.assert_close(c, want_c)
+    torch.testing.assert_close(residual, want_res)
+
+
+def test_declared_scales_clamp_empty_examples_and_sum():
+    """An example with one supervised token weighs 1 / (B * 1); one with none is clamped to a
+    count of 1 (it gets no gradient anyway); ``"sum"`` weighs every example 1."""
+    tokens = torch.tensor([0, 1, 4])
+    torch.testing.assert_close(
+        declared_scales("example_mean", tokens),
+        torch.tensor([1 / 3, 1 / 3, 1 / 12], dtype=torch.float64),
+    )
+    torch.testing.assert_close(
+        declared_scales("token_mean", torch.tensor([0, 1])), torch.ones(2, dtype=torch.float64)
+    )
+    torch.testing.assert_close(
+        declared_scales("sum", tokens, accumulate=4, loss_scale=2.0),
+        torch.full((3,), 0.5, dtype=torch.float64),
+    )
+    with pytest.raises(
+        ValueError, match=r"'mean' is not one of 'token_mean', 'example_mean', 'sum'$"
+    ):
+        declared_scales("mean", tokens)
+
+
+def test_row_scales_are_float64_whatever_c_is():
+    c = torch.tensor([0.1, 3.0], dtype=torch.float32)
+    got = row_scales(c, torch.tensor([3, 7], dtype=torch.int32))
+    assert got.dtype == torch.float64 and row_scales(c).dtype == torch.float64
+    torch.testing.assert_close(
+        got, 1 / (c.double() * torch.tensor([3.0, 7.0], dtype=torch.float64))
+    )
+
+
+def test_residual_tolerance_by_dtype():
+    from lightning_bergson.capture.scaling import residual_tolerance
+
+    assert residual_tolerance(torch.float32) == residual_tolerance(torch.float64) == 1e-3
+    assert residual_tolerance(torch.float16) == residual_tolerance(torch.bfloat16) == 5e-2
+
+
 def test_declared_scales_and_row_scales_closed_forms():
     tokens = torch.tensor([2, 3, 5])
     torch.testing.assert_close(
@@ -154,50 +250,81 @@ def test_capture_settings_round_trip_and_name_the_differing_fields():
 # ------------------------------------------------------------------ strategies keep ids
 
 
-def _rows(batches):
-    return [{k: v[i] for k, v in b.items()} for b in batches for i in range(len(b["input_ids"]))]
-
-
-def _trainer(strategy, epochs=2):
-    return L.Trainer(
-        accelerator="cpu",
-        strategy=strategy,
-        max_epochs=epochs,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-
-
 def test_magic_module_under_the_bergson_strategy_keeps_example_ids():
-    rows = _rows(tiny_batches())
+    rows = batch_rows(*tiny_batches())
     without_ids = [{k: v for k, v in r.items() if k != "example_id"} for r in rows]
     scores = []
     for strategy, data in (("auto", rows), ("bergson", without_ids)):
         mm = MagicModule(tiny_model(), num_examples=6, optimizer="adamw", lr=1e-2)
-        _trainer(strategy).fit(mm, DataLoader(data, batch_size=2, shuffle=False))
+        trainer(strategy=strategy, max_epochs=2).fit(
+            mm, DataLoader(data, batch_size=2, shuffle=False)
+        )
         scores.append(mm.attribute(tiny_query()))
     torch.testing.assert_close(scores[0], scores[1], rtol=0, atol=0)
 
 
 def test_ekfac_true_fisher_under_the_bergson_strategy_seeds_per_example(tmp_path):
-    micro = {"model_type": "gpt_neox", "vocab_size": 97, "hidden_size": 8, "num_hidden_layers": 1,
-             "num_attention_heads": 2, "intermediate_size": 16}  # fmt: skip
     train = lm_batch(8, 6, seed=4)
-    rows = [{k: v[i] for k, v in train.items()} for i in range(8)]
+    rows = batch_rows(train)
     rows = [{**r, "example_id": r["example_id"] - 100} for r in rows]  # dataset rows 0..7
     without_ids = [{k: v for k, v in r.items() if k != "example_id"} for r in rows]
     factors = []
     for strategy, data in (("auto", rows), ("bergson", without_ids)):
-        net = CausalLMModule(config=micro).model.double()
+        net = tiny_gpt_neox(0, dtype=torch.float64, hidden_size=8, num_hidden_layers=1,
+                            num_attention_heads=2, intermediate_size=16)  # fmt: skip
         ek = EkfacModule(
             net, factors_dir=str(tmp_path / strategy), fisher="true", factor_dtype="float64"
         )
-        _trainer(strategy, ek.num_phases).fit(ek, DataLoader(data, batch_size=4, shuffle=False))
+        trainer(strategy=strategy, max_epochs=ek.num_phases).fit(
+            ek, DataLoader(data, batch_size=4, shuffle=False)
+        )
         factors.append(ek)
-    queries = DataLoader(_rows([lm_batch(2, 6, seed=9)]), batch_size=2)
+    queries = DataLoader(batch_rows(lm_batch(2, 6, seed=9)), batch_size=2)
     train_loader = DataLoader(rows, batch_size=4)
     a = factors[0].pairwise_scores(queries, train_loader)
     b = factors[1].pairwise_scores(queries, train_loader)
     torch.testing.assert_close(a, b, rtol=1e-10, atol=0)
+
+
+class KeysSeen(L.LightningModule):
+    """``self.model(**batch).loss`` as a plain recipe writes it; records the keys it was given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model, self.seen = tiny_gpt_neox(), []
+
+    def training_step(self, batch, batch_idx):
+        self.seen.append(sorted(batch))
+        if "example_id" in batch:
+            return self.model(**{k: v for k, v in batch.items() if k != "example_id"}).loss
+        return self.model(**batch).loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+class KeysNeeded(KeysSeen):
+    needs_example_id = True
+
+
+@pytest.mark.parametrize(
+    ("strategy", "module", "keeps"),
+    [("bergson", KeysSeen, False), ("bergson", KeysNeeded, True), ("auto", KeysSeen, True)],
+)
+def test_the_strategy_strips_example_id_before_training_step(tmp_path, strategy, module, keeps):
+    """The Bergson strategy removes ``example_id`` from the batch ``training_step`` sees (unless
+    the module declares ``needs_example_id``); the rows still carry the ids."""
+    from lightning_bergson import GradientCaptureCallback, GradientStore
+
+    data = lm_batch(num=4, seq=6)
+    cb = GradientCaptureCallback(tmp_path / "g.zarr", projection_dim=2)
+    net = module()
+    trainer(cb, strategy=strategy).fit(net, DataLoader(batch_rows(data), batch_size=2))
+    want = ["attention_mask", "input_ids", "labels"] + (["example_id"] if keeps else [])
+    assert net.seen == [sorted(want)] * 2
+    assert sorted(GradientStore.open(tmp_path / "g.zarr").example_ids.tolist()) == [
+        100,
+        101,
+        102,
+        103,
+    ]

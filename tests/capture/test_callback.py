@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 import copy
+import functools
 
-import lightning.pytorch as L
 import pytest
 import torch
-from oracles import Rows, example_losses, lm_batch, module_grad, oracle_lm_grads, tiny_gpt_neox
-from torch.utils.data import DataLoader
+from oracles import (
+    assert_rows_match,
+    example_losses,
+    lm_batch,
+    module_grad,
+    oracle_lm_grads,
+    rows_by_id,
+    tiny_gpt_neox,
+)
+from recipes import HFCausalModule, fit_with_capture
 
 from lightning_bergson import CausalLMModule, GradientCaptureCallback, GradientStore
+
+fit = functools.partial(fit_with_capture, batch_size=4)
 
 MODULES = [
     "gpt_neox.layers.0.attention.query_key_value",
@@ -18,26 +28,11 @@ MODULES = [
 ]
 
 
-class HFLossModule(L.LightningModule):
-    """Returns Hugging Face's own batch-mean loss, as most user modules do."""
-
-    def __init__(self, model, lr: float = 0.0) -> None:
-        super().__init__()
-        self.model, self.lr = model, lr
-
-    def training_step(self, batch, batch_idx):
-        inputs = {k: v for k, v in batch.items() if k != "example_id"}
-        return self.model(**inputs).loss
-
-    def configure_optimizers(self):
-        return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=0.0)
-
-
-class SumLossModule(HFLossModule):
+class SumLossModule(HFCausalModule):
     """Sum of every token loss, optionally with NaN injected into one example."""
 
     def __init__(self, model, nan_row: int | None = None) -> None:
-        super().__init__(model)
+        super().__init__(model, lr=0.0)
         self.nan_row = nan_row
 
     def training_step(self, batch, batch_idx):
@@ -51,59 +46,25 @@ class SumLossModule(HFLossModule):
         return example_losses(logits, batch["labels"]).sum()
 
 
-def fit(
-    module, data, callback, *, batch_size=4, accumulate=1, max_epochs=1, max_steps=-1, shuffle=False
-):
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_epochs=max_epochs,
-        max_steps=max_steps,
-        accumulate_grad_batches=accumulate,
-        callbacks=[callback],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    loader = DataLoader(
-        Rows(data),
-        batch_size=batch_size,
-        shuffle=shuffle,
-        generator=torch.Generator().manual_seed(0),
-    )
-    trainer.fit(module, loader)
-    return trainer
-
-
-def stored_by_id(path, modules=None):
-    store = GradientStore.open(path)
-    rows = store.read(slice(None), modules=modules)
-    return store, {int(i): rows[k] for k, i in enumerate(store.example_ids)}
-
-
 def expected_rows(model, data, reduction, modules=MODULES):
     grads = oracle_lm_grads(model, data, reduction)
     full = torch.cat([module_grad(grads, m).flatten(1) for m in modules], dim=1)
     return {int(i): full[k] for k, i in enumerate(data["example_id"])}
 
 
-def assert_rows_match(got, want, tol=1e-5):
-    assert sorted(got) == sorted(want)
-    for i, row in want.items():
-        err = ((got[i] - row).norm() / row.norm()).item()
-        assert err <= tol, (i, err)
-
-
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
 @pytest.mark.parametrize("accumulate", [1, 2])
 @pytest.mark.parametrize("kind", ["causal_lm", "hf_loss"])
 def test_rows_equal_per_example_gradients(tmp_path, reduction, accumulate, kind):
-    """lr=0 keeps the parameters fixed, so every row has the same oracle."""
+    """lr=0 keeps the parameters fixed, so every row has the same oracle. Prompts are masked
+    (labels -100 where the attention mask is 1): "mean" divides by supervised tokens."""
     net = tiny_gpt_neox()
-    data = lm_batch(num=10, seq=9)
+    data = lm_batch(num=10, seq=9, prompt=True)
     want = expected_rows(copy.deepcopy(net), data, reduction)
     module = (
-        CausalLMModule(net, lr=0.0, weight_decay=0.0) if kind == "causal_lm" else HFLossModule(net)
+        CausalLMModule(net, lr=0.0, weight_decay=0.0)
+        if kind == "causal_lm"
+        else HFCausalModule(net, lr=0.0)
     )
     cb = GradientCaptureCallback(
         tmp_path / "g.zarr",
@@ -113,7 +74,7 @@ def test_rows_equal_per_example_gradients(tmp_path, reduction, accumulate, kind)
         dtype="float32",
     )
     fit(module, data, cb, batch_size=3, accumulate=accumulate)
-    store, got = stored_by_id(tmp_path / "g.zarr")
+    store, got = GradientStore.open(tmp_path / "g.zarr"), rows_by_id(tmp_path / "g.zarr")
     assert_rows_match(got, want)
     assert store.complete and store.attrs["loss_reduction"] == reduction
     assert [m.name for m in store.modules] == MODULES
@@ -127,7 +88,7 @@ def test_sum_batch_reduction_and_float16(tmp_path):
         tmp_path / "g.zarr", projection_dim=0, include=MODULES, batch_reduction="sum"
     )
     fit(SumLossModule(net), data, cb)
-    store, got = stored_by_id(tmp_path / "g.zarr")
+    store, got = GradientStore.open(tmp_path / "g.zarr"), rows_by_id(tmp_path / "g.zarr")
     assert store.dtype == "float16"
     assert_rows_match(got, want, tol=1e-3)  # float16 storage
 
@@ -225,7 +186,7 @@ def test_optimizer_normalizers_use_state_after_each_step(tmp_path, optimizer, ki
         tmp_path / "g.zarr", projection_dim=0, include=MODULES, normalizer=kind, dtype="float32"
     )
     fit(CausalLMModule(net, optimizer=optimizer, lr=1e-2, weight_decay=0.0), data, cb, batch_size=3)
-    _, got = stored_by_id(tmp_path / "g.zarr")
+    got = rows_by_id(tmp_path / "g.zarr")
     assert_rows_match(got, want, tol=1e-4)
 
 
@@ -278,7 +239,7 @@ def test_nan_gradients_are_flagged_not_hidden(tmp_path):
     with pytest.warns(UserWarning, match=r"1 example had non-finite gradients in epoch 0 "
                       r"\(example ids \[101\]\): stored as they are"):  # fmt: skip
         fit(SumLossModule(net, nan_row=1), data, cb, max_steps=1)
-    store, got = stored_by_id(tmp_path / "g.zarr")
+    store, got = GradientStore.open(tmp_path / "g.zarr"), rows_by_id(tmp_path / "g.zarr")
     assert store.finite.tolist() == [True, False, True, True]
     assert torch.isnan(got[101]).any()
     assert_rows_match({i: got[i] for i in (100, 102, 103)}, {i: want[i] for i in (100, 102, 103)})
@@ -351,13 +312,16 @@ def test_fixed_normalizers_from_a_file(tmp_path):
     norms = {}
     for name in MODULES:
         mod = net.get_submodule(name)
-        norms[name] = AdafactorNormalizer(
+        norms[name] = AdafactorNormalizer(  # independent moments, mean(c) ~ 3 mean(r)
             torch.rand(mod.out_features, generator=gen) + 0.5,
-            torch.rand(mod.in_features, generator=gen) + 0.5,
+            3 * torch.rand(mod.in_features, generator=gen) + 0.5,
         )
     save_normalizers(tmp_path / "norms.safetensors", norms)
     grads = oracle_lm_grads(copy.deepcopy(net), data, "sum")
-    parts = [norms[m].normalize(module_grad(grads, m)).flatten(1) for m in MODULES]
+    parts = []
+    for m in MODULES:  # G / sqrt(r c^T / mean(r)), written out
+        r, c = norms[m].row, norms[m].col
+        parts.append((module_grad(grads, m) / (r[:, None] * c[None] / r.mean()).sqrt()).flatten(1))
     full = torch.cat(parts, dim=1)
     want = {int(i): full[k] for k, i in enumerate(data["example_id"])}
     cb = GradientCaptureCallback(
@@ -370,5 +334,5 @@ def test_fixed_normalizers_from_a_file(tmp_path):
         dtype="float32",
     )
     fit(CausalLMModule(net, lr=0.0), data, cb, batch_size=3)
-    _, got = stored_by_id(tmp_path / "g.zarr")
+    got = rows_by_id(tmp_path / "g.zarr")
     assert_rows_match(got, want)

@@ -6,11 +6,10 @@ import pytest
 import torch
 from oracles import (
     ToyConv1DNet,
+    documented_projection,
     example_losses,
-    lm_batch,
     module_grad,
     oracle_lm_grads,
-    tiny_gpt_neox,
 )
 from torch.func import functional_call, grad, vmap
 
@@ -22,16 +21,17 @@ from lightning_bergson.capture import (
     projection_matrix,
 )
 
+proj = documented_projection
 QKV = "gpt_neox.layers.0.attention.query_key_value"
 DENSE = "gpt_neox.layers.0.attention.dense"
 MLP = "gpt_neox.layers.1.mlp.dense_h_to_4h"
 
 
-def collect(model, batch, reduction="sum", **kwargs):
+def collect(tiny_lm, lm_data, reduction="sum", **kwargs):
     """Rows from the collector for the summed per-example loss."""
-    with GradientCollector(model, **kwargs) as collector:
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        example_losses(out.logits, batch["labels"], reduction).sum().backward()
+    with GradientCollector(tiny_lm, **kwargs) as collector:
+        out = tiny_lm(input_ids=lm_data["input_ids"], attention_mask=lm_data["attention_mask"])
+        example_losses(out.logits, lm_data["labels"], reduction).sum().backward()
     return collector.gradients
 
 
@@ -40,23 +40,13 @@ def rel_err(x, y):
 
 
 @pytest.fixture(scope="module")
-def model():
-    return tiny_gpt_neox()
-
-
-@pytest.fixture(scope="module")
-def batch():
-    return lm_batch()
-
-
-@pytest.fixture(scope="module")
-def oracle(model, batch):
-    return oracle_lm_grads(model, batch)
+def oracle(tiny_lm, lm_data):
+    return oracle_lm_grads(tiny_lm, lm_data)
 
 
 @pytest.mark.parametrize("bias", [False, True])
-def test_exact_rows_equal_torch_func(model, batch, oracle, bias):
-    rows = collect(model, batch, projection_dim=0, include_bias=bias)
+def test_exact_rows_equal_torch_func(tiny_lm, lm_data, oracle, bias):
+    rows = collect(tiny_lm, lm_data, projection_dim=0, include_bias=bias)
     assert len(rows) == 8  # 2 layers x (qkv, dense, h_to_4h, 4h_to_h); lm_head excluded
     for name, got in rows.items():
         want = module_grad(oracle, name, bias=bias).flatten(1)
@@ -83,13 +73,13 @@ def test_conv1d_rows_equal_torch_func():
 
 
 @pytest.mark.parametrize("bias", [False, True])
-def test_projected_rows_equal_explicit_projection(model, batch, oracle, bias):
+def test_projected_rows_equal_explicit_projection(tiny_lm, lm_data, oracle, bias):
     p, seed = 4, 7
-    rows = collect(model, batch, projection_dim=p, seed=seed, include_bias=bias)
+    rows = collect(tiny_lm, lm_data, projection_dim=p, seed=seed, include_bias=bias)
     for name in (QKV, MLP):
         full = module_grad(oracle, name, bias=bias)  # (B, O, I)
-        left = projection_matrix(p, full.shape[1], seed=seed, key=name, side="left")
-        right = projection_matrix(p, full.shape[2], seed=seed, key=name, side="right")
+        left = proj(p, full.shape[1], seed=seed, key=name, side="left")
+        right = proj(p, full.shape[2], seed=seed, key=name, side="right")
         want = (left @ full @ right.T).flatten(1)
         assert rel_err(rows[name], want) <= 1e-5
 
@@ -115,33 +105,89 @@ def test_projection_is_seeded_and_device_independent():
     assert not torch.equal(a, projection_matrix(8, 30, seed=3, key="x.y", side="right"))
     assert torch.allclose(a.abs(), torch.full_like(a, 8**-0.5))
     assert 0.3 < (a > 0).float().mean() < 0.7
+    torch.manual_seed(123)  # the global generator plays no part
+    assert torch.equal(a, projection_matrix(8, 30, seed=3, key="x.y", side="left"))
+    with torch.device("meta"):  # a default device (Lightning's init_module sets one on GPUs)
+        assert torch.equal(projection_matrix(8, 30, seed=3, key="x.y", side="left"), a)
     if torch.cuda.is_available():
         gpu = projection_matrix(8, 30, seed=3, key="x.y", side="left", device="cuda")
         assert torch.equal(gpu.cpu(), a)
 
 
-def _random_moments(model, names, bias, kind):
+def test_projection_cache_builds_each_matrix_once_per_device():
+    from lightning_bergson.capture.projection import ProjectionCache
+
+    cache = ProjectionCache(4, seed=3)
+    first = cache.get(["a", "b"], "left", 6, torch.float32, "cpu")  # (2, 4, 6)
+    assert cache.get(["a", "b"], "left", 6, torch.float32, "cpu") is first  # built once
+    assert torch.equal(first[1], proj(4, 6, seed=3, key="b", side="left"))
+    assert cache.get(["a", "b"], "left", 6, torch.float32, "meta").device.type == "meta"
+    assert cache.dim == 4 and cache.seed == 3
+    default = ProjectionCache(3).get(["a"], "right", 5, torch.float32, "cpu")  # seed 0
+    assert torch.equal(default[0], proj(3, 5, seed=0, key="a", side="right"))
+
+
+def test_projection_follows_the_documented_seeding_rule():
+    """``sha256("<seed>/<key>/<side>")`` seeds a CPU generator whose bits are the signs."""
+    for key in ("fc", "gpt_neox.layers.0.attention.query_key_value.head_3"):
+        for side in ("left", "right"):
+            want = proj(5, 7, seed=11, key=key, side=side)
+            assert torch.equal(projection_matrix(5, 7, seed=11, key=key, side=side), want)
+
+
+@pytest.mark.parametrize("p", [2, 3])
+def test_every_block_and_head_has_its_own_projection(tiny_lm, lm_data, oracle, p):
+    """Rows of every block equal ``L_b G_b R_b^T`` with the block's own matrices: a head (or
+    module) projected with another block's matrices, or with shared ones, fails."""
+    heads = {QKV: HeadConfig(4, 24), DENSE: HeadConfig(4, 8, axis="input")}
+    rows = collect(tiny_lm, lm_data, projection_dim=p, include=[QKV, DENSE, MLP], head_cfgs=heads)
+    blocks = {MLP: module_grad(oracle, MLP)}
+    for h in range(4):
+        blocks[f"{QKV}.head_{h}"] = module_grad(oracle, QKV)[:, 24 * h : 24 * (h + 1)]
+        blocks[f"{DENSE}.head_{h}"] = module_grad(oracle, DENSE)[:, :, 8 * h : 8 * (h + 1)]
+    lefts = {}
+    for key, g in blocks.items():
+        left = proj(p, g.shape[1], seed=0, key=key, side="left")
+        right = proj(p, g.shape[2], seed=0, key=key, side="right")
+        assert rel_err(rows[key], (left @ g @ right.T).flatten(1)) <= 1e-5, key
+        lefts[key] = left
+    # the heads of a module have matrices of one shape, all different
+    qkv = [lefts[f"{QKV}.head_{h}"] for h in range(4)]
+    assert len({tuple(m.flatten().tolist()) for m in qkv}) == 4
+
+
+def _random_moments(tiny_lm, names, bias, kind):
+    """Random second moments; Adafactor's row and column statistics are drawn independently
+    and on different scales (mean(c) ~ 3 mean(r)), so a normalizer that divides by mean(c),
+    or by no mean, differs from ``r c^T / mean(r)``."""
     gen = torch.Generator().manual_seed(5)
     out = {}
     for name in names:
-        mod = model.get_submodule(name)
+        mod = tiny_lm.get_submodule(name)
         shape = (mod.out_features, mod.in_features + int(bias))
-        v = torch.rand(shape, generator=gen) + 0.1
         if kind == "adam":
-            out[name] = AdamNormalizer(v, eps=1e-3)
+            out[name] = AdamNormalizer(torch.rand(shape, generator=gen) + 0.1, eps=1e-3)
         else:
-            out[name] = AdafactorNormalizer(v.mean(1), v.mean(0))
+            row = torch.rand(shape[0], generator=gen) + 0.1
+            col = 3 * torch.rand(shape[1], generator=gen) + 0.3
+            out[name] = AdafactorNormalizer(row, col)
     return out
 
 
 @pytest.mark.parametrize("kind", ["adafactor", "adam"])
 @pytest.mark.parametrize("p", [0, 4])
-def test_normalized_rows_equal_explicit_normalization(model, batch, oracle, kind, p):
+def test_normalized_rows_equal_explicit_normalization(tiny_lm, lm_data, oracle, kind, p):
     """The Adafactor trick (and the Adam path) equal normalizing G explicitly, then projecting."""
     names = [QKV, MLP]
-    norms = _random_moments(model, names, bias=True, kind=kind)
+    norms = _random_moments(tiny_lm, names, bias=True, kind=kind)
     rows = collect(
-        model, batch, projection_dim=p, include=names, include_bias=True, normalizers=norms, seed=2
+        tiny_lm,
+        lm_data,
+        projection_dim=p,
+        include=names,
+        include_bias=True,
+        normalizers=norms,
+        seed=2,
     )
     for name in names:
         full = module_grad(oracle, name, bias=True)
@@ -152,16 +198,18 @@ def test_normalized_rows_equal_explicit_normalization(model, batch, oracle, kind
         else:
             full = full / (norm.avg_sq.sqrt() + norm.eps)
         if p:
-            left = projection_matrix(p, full.shape[1], seed=2, key=name, side="left")
-            right = projection_matrix(p, full.shape[2], seed=2, key=name, side="right")
+            left = proj(p, full.shape[1], seed=2, key=name, side="left")
+            right = proj(p, full.shape[2], seed=2, key=name, side="right")
             full = left @ full @ right.T
         assert rel_err(rows[name], full.flatten(1)) <= 1e-5
 
 
 @pytest.mark.parametrize("p", [0, 3])
-def test_heads_split_both_axes(model, batch, oracle, p):
+def test_heads_split_both_axes(tiny_lm, lm_data, oracle, p):
     heads = {QKV: HeadConfig(4, 24), DENSE: HeadConfig(4, 8, axis="input")}
-    rows = collect(model, batch, projection_dim=p, include=[QKV, DENSE], head_cfgs=heads, seed=1)
+    rows = collect(
+        tiny_lm, lm_data, projection_dim=p, include=[QKV, DENSE], head_cfgs=heads, seed=1
+    )
     assert sorted(rows) == sorted(
         [f"{QKV}.head_{h}" for h in range(4)] + [f"{DENSE}.head_{h}" for h in range(4)]
     )
@@ -173,22 +221,28 @@ def test_heads_split_both_axes(model, batch, oracle, p):
         for name, want in blocks.items():
             key = f"{name}.head_{h}"
             if p:
-                left = projection_matrix(p, want.shape[1], seed=1, key=key, side="left")
-                right = projection_matrix(p, want.shape[2], seed=1, key=key, side="right")
+                left = proj(p, want.shape[1], seed=1, key=key, side="left")
+                right = proj(p, want.shape[2], seed=1, key=key, side="right")
                 want = left @ want @ right.T
             assert rel_err(rows[key], want.flatten(1)) <= 1e-5, key
 
 
 @pytest.mark.parametrize("perm", [False, True])
-def test_heads_with_adafactor_normalizer_on_both_axes(model, batch, oracle, perm):
+def test_heads_with_adafactor_normalizer_on_both_axes(tiny_lm, lm_data, oracle, perm):
     """Adafactor scales folded into per-head projections equal normalize-split-project."""
     names = [QKV, DENSE]
-    norms = _random_moments(model, names, bias=False, kind="adafactor")
+    norms = _random_moments(tiny_lm, names, bias=False, kind="adafactor")
     qkv = HeadConfig(4, 24, sections=3) if perm else HeadConfig(4, 24)
     order = torch.tensor(qkv.permutation(96)) if perm else None
     heads = {QKV: qkv, DENSE: HeadConfig(4, 8, axis="input")}
     rows = collect(
-        model, batch, projection_dim=3, include=names, head_cfgs=heads, normalizers=norms, seed=4
+        tiny_lm,
+        lm_data,
+        projection_dim=3,
+        include=names,
+        head_cfgs=heads,
+        normalizers=norms,
+        seed=4,
     )
     for name in names:
         norm = norms[name]
@@ -198,25 +252,25 @@ def test_heads_with_adafactor_normalizer_on_both_axes(model, batch, oracle, perm
         for h in range(4):
             want = full[:, 24 * h : 24 * (h + 1)] if name == QKV else full[:, :, 8 * h : 8 * h + 8]
             key = f"{name}.head_{h}"
-            left = projection_matrix(3, want.shape[1], seed=4, key=key, side="left")
-            right = projection_matrix(3, want.shape[2], seed=4, key=key, side="right")
+            left = proj(3, want.shape[1], seed=4, key=key, side="left")
+            right = proj(3, want.shape[2], seed=4, key=key, side="right")
             assert rel_err(rows[key], (left @ want @ right.T).flatten(1)) <= 1e-5, key
 
 
 @pytest.mark.parametrize("p", [0, 3])
-def test_gathered_heads_with_bias_and_adafactor(model, batch, oracle, p):
+def test_gathered_heads_with_bias_and_adafactor(tiny_lm, lm_data, oracle, p):
     """Section-gathered heads on either axis, a bias column and Adafactor scales together.
 
     The projected path folds the bias and the scales into the projections and gathers
     the heads of the input axis before projecting; this is the explicit route.
     """
-    norms = _random_moments(model, [QKV], bias=True, kind="adafactor")
+    norms = _random_moments(tiny_lm, [QKV], bias=True, kind="adafactor")
     qkv = HeadConfig(4, 24, sections=3)
     dense = HeadConfig(4, 8, axis="input", sections=2)
-    rows = collect(model, batch, projection_dim=p, include=[QKV], head_cfgs={QKV: qkv},
+    rows = collect(tiny_lm, lm_data, projection_dim=p, include=[QKV], head_cfgs={QKV: qkv},
                    normalizers=norms, include_bias=True, seed=6)  # fmt: skip
-    dense_rows = collect(model, batch, projection_dim=p, include=[DENSE], head_cfgs={DENSE: dense},
-                         seed=6)  # fmt: skip
+    dense_rows = collect(tiny_lm, lm_data, projection_dim=p, include=[DENSE],
+                         head_cfgs={DENSE: dense}, seed=6)  # fmt: skip
     norm = norms[QKV]
     v = norm.row[:, None] * norm.col / norm.row.mean()
     order = torch.tensor(qkv.permutation(96))
@@ -228,17 +282,17 @@ def test_gathered_heads_with_bias_and_adafactor(model, batch, oracle, p):
             (f"{DENSE}.head_{h}", dense_full[:, :, 8 * h : 8 * (h + 1)], dense_rows),
         ):
             if p:
-                left = projection_matrix(p, want.shape[1], seed=6, key=key, side="left")
-                right = projection_matrix(p, want.shape[2], seed=6, key=key, side="right")
+                left = proj(p, want.shape[1], seed=6, key=key, side="left")
+                right = proj(p, want.shape[2], seed=6, key=key, side="right")
                 want = left @ want @ right.T
             assert rel_err(got[key], want.flatten(1)) <= 1e-5, key
 
 
-def test_heads_with_adam_normalizer(model, batch, oracle):
-    norms = _random_moments(model, [QKV], bias=False, kind="adam")
+def test_heads_with_adam_normalizer(tiny_lm, lm_data, oracle):
+    norms = _random_moments(tiny_lm, [QKV], bias=False, kind="adam")
     rows = collect(
-        model,
-        batch,
+        tiny_lm,
+        lm_data,
         projection_dim=3,
         include=[QKV],
         head_cfgs={QKV: HeadConfig(4, 24)},
@@ -247,59 +301,59 @@ def test_heads_with_adam_normalizer(model, batch, oracle):
     )
     full = module_grad(oracle, QKV) / (norms[QKV].avg_sq.sqrt() + norms[QKV].eps)
     want = full[:, 24:48]
-    left = projection_matrix(3, 24, seed=1, key=f"{QKV}.head_1", side="left")
-    right = projection_matrix(3, 32, seed=1, key=f"{QKV}.head_1", side="right")
+    left = proj(3, 24, seed=1, key=f"{QKV}.head_1", side="left")
+    right = proj(3, 32, seed=1, key=f"{QKV}.head_1", side="right")
     assert rel_err(rows[f"{QKV}.head_1"], (left @ want @ right.T).flatten(1)) <= 1e-5
 
 
-def test_head_config_that_does_not_divide_is_rejected(model):
+def test_head_config_that_does_not_divide_is_rejected(tiny_lm):
     with pytest.raises(ValueError, match=r"does not divide module .*query_key_value.*96"):
-        GradientCollector(model, head_cfgs={QKV: HeadConfig(5, 24)})
+        GradientCollector(tiny_lm, head_cfgs={QKV: HeadConfig(5, 24)})
     with pytest.raises(ValueError, match="matches no tracked module"):
-        GradientCollector(model, include=[MLP], head_cfgs={QKV: HeadConfig(4, 24)})
+        GradientCollector(tiny_lm, include=[MLP], head_cfgs={QKV: HeadConfig(4, 24)})
     with pytest.raises(ValueError, match="head_dim"):
         HeadConfig(4, 24, head_dim=1)
 
 
-def test_module_patterns_that_match_nothing(model):
+def test_module_patterns_that_match_nothing(tiny_lm):
     with pytest.raises(
         ValueError, match=r"'\*\.attn\.\*' matches no nn.Linear.*available modules include"
     ):
-        GradientCollector(model, include=["*.attn.*"])
+        GradientCollector(tiny_lm, include=["*.attn.*"])
     with pytest.raises(ValueError, match="leave no module"):
-        GradientCollector(model, include=["*.mlp.*"], exclude=["*"])
+        GradientCollector(tiny_lm, include=["*.mlp.*"], exclude=["*"])
 
 
-def test_glob_selection(model):
-    c = GradientCollector(model, include=["*.mlp.*"], exclude=["*.layers.1.*"])
+def test_glob_selection(tiny_lm):
+    c = GradientCollector(tiny_lm, include=["*.mlp.*"], exclude=["*.layers.1.*"])
     assert list(c.modules) == [
         "gpt_neox.layers.0.mlp.dense_h_to_4h",
         "gpt_neox.layers.0.mlp.dense_4h_to_h",
     ]
 
 
-def test_batch_invariance(model, batch):
+def test_batch_invariance(tiny_lm, lm_data):
     """An example's row does not depend on the other examples of its batch."""
-    rows = collect(model, batch, projection_dim=4)
-    sub = {k: v[[3, 1]] for k, v in batch.items()}
-    sub_rows = collect(model, sub, projection_dim=4)
+    rows = collect(tiny_lm, lm_data, projection_dim=4)
+    sub = {k: v[[3, 1]] for k, v in lm_data.items()}
+    sub_rows = collect(tiny_lm, sub, projection_dim=4)
     for name in rows:
         torch.testing.assert_close(sub_rows[name], rows[name][[3, 1]], rtol=1e-5, atol=1e-6)
 
 
-def test_deferred_processing_uses_later_normalizers(model, batch):
-    norms = _random_moments(model, [MLP], bias=False, kind="adafactor")
-    direct = collect(model, batch, projection_dim=4, include=[MLP], normalizers=norms)
+def test_deferred_processing_uses_later_normalizers(tiny_lm, lm_data):
+    norms = _random_moments(tiny_lm, [MLP], bias=False, kind="adafactor")
+    direct = collect(tiny_lm, lm_data, projection_dim=4, include=[MLP], normalizers=norms)
     got = {}
     with GradientCollector(
-        model,
+        tiny_lm,
         projection_dim=4,
         include=[MLP],
         defer=True,
         closure=lambda k, r: got.__setitem__(k, r),
     ) as c:
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        example_losses(out.logits, batch["labels"]).sum().backward()
+        out = tiny_lm(input_ids=lm_data["input_ids"], attention_mask=lm_data["attention_mask"])
+        example_losses(out.logits, lm_data["labels"]).sum().backward()
         assert not got  # nothing processed before the normalizer is known
         c.set_normalizers(norms)
         c.process_pending()
@@ -309,17 +363,17 @@ def test_deferred_processing_uses_later_normalizers(model, batch):
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("normalized", [False, True])
 def test_stacked_layers_equal_explicit_projection(
-    model, batch, oracle, monkeypatch, bias, normalized
+    tiny_lm, lm_data, oracle, monkeypatch, bias, normalized
 ):
     """Deferred layers of equal shapes processed together (``stack_layers``) give each
     layer's ``L diag(r) G_i diag(c) R^T``, with row and column moments drawn apart."""
     from lightning_bergson.capture import grouped, hooks
 
     p, seed, gen = 4, 3, torch.Generator().manual_seed(5)
-    names = list(GradientCollector(model).modules)  # both layers of each shape
+    names = list(GradientCollector(tiny_lm).modules)  # both layers of each shape
     norms = {}
     for name in names:
-        w = model.get_submodule(name).weight
+        w = tiny_lm.get_submodule(name).weight
         norms[name] = AdafactorNormalizer(
             torch.rand(w.shape[0], generator=gen) + 0.1,  # mean(r) != mean(c)
             3 * torch.rand(w.shape[1] + bias, generator=gen) + 0.5,
@@ -329,11 +383,11 @@ def test_stacked_layers_equal_explicit_projection(
                         grouped.stacked_rows(*a, **k))  # fmt: skip
     got = {}
     with GradientCollector(
-        model, projection_dim=p, seed=seed, include_bias=bias, defer=True, stack_layers=True,
+        tiny_lm, projection_dim=p, seed=seed, include_bias=bias, defer=True, stack_layers=True,
         closure=lambda k, r: got.__setitem__(k, r),
     ) as c:  # fmt: skip
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        example_losses(out.logits, batch["labels"]).sum().backward()
+        out = tiny_lm(input_ids=lm_data["input_ids"], attention_mask=lm_data["attention_mask"])
+        example_losses(out.logits, lm_data["labels"]).sum().backward()
         c.set_normalizers(norms if normalized else {})
         c.process_pending()
     assert sorted(stacks) == [2, 2, 2, 2]  # 4 layer shapes x 2 layers, each stacked
@@ -347,15 +401,17 @@ def test_stacked_layers_equal_explicit_projection(
         assert rel_err(got[name], (left @ full @ right.T).flatten(1)) <= 1e-5, name
 
 
-def test_normalizer_shape_mismatch(model):
+def test_normalizer_shape_mismatch(tiny_lm):
     with pytest.raises(ValueError, match=r"has shape \(3, 3\)"):
-        GradientCollector(model, include=[MLP], normalizers={MLP: AdamNormalizer(torch.ones(3, 3))})
+        GradientCollector(
+            tiny_lm, include=[MLP], normalizers={MLP: AdamNormalizer(torch.ones(3, 3))}
+        )
 
 
-def test_disabled_collector_and_no_grad_capture_nothing(model, batch):
-    with GradientCollector(model, projection_dim=2) as c:
+def test_disabled_collector_and_no_grad_capture_nothing(tiny_lm, lm_data):
+    with GradientCollector(tiny_lm, projection_dim=2) as c:
         with torch.no_grad():
-            model(input_ids=batch["input_ids"])
+            tiny_lm(input_ids=lm_data["input_ids"])
         c.enabled = False
-        model(input_ids=batch["input_ids"]).logits.sum().backward()
+        tiny_lm(input_ids=lm_data["input_ids"]).logits.sum().backward()
     assert c.gradients == {}

@@ -10,6 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from oracles import (
+    assert_rows_match,
+    lm_batch,
+    module_grad,
+    oracle_lm_grads,
+    rows_by_id,
+    tiny_gpt_neox,
+)
 from safetensors.torch import load_file
 
 from lightning_bergson import GradientStore
@@ -19,6 +27,7 @@ sys.path.insert(0, str(SCRIPT.parent))
 import capture_run  # noqa: E402
 
 COMMON = ["--num", "16", "--epochs", "2"]
+MODULES = ["gpt_neox.layers.0.attention.query_key_value", "gpt_neox.layers.1.mlp.dense_4h_to_h"]
 
 
 def run(out: Path, *args: str, processes: int = 1) -> GradientStore:
@@ -41,18 +50,8 @@ def run(out: Path, *args: str, processes: int = 1) -> GradientStore:
 
 
 def rows_by_key(store: GradientStore, id_offset: int = 0) -> dict[tuple[int, int], torch.Tensor]:
-    rows = store.read(slice(None))
-    return {
-        (int(i) + id_offset, int(s)): rows[k]
-        for k, (i, s) in enumerate(zip(store.example_ids, store.steps, strict=True))
-    }
-
-
-def assert_same_rows(got: dict, want: dict, rtol: float = 1e-5) -> None:
-    assert sorted(got) == sorted(want)  # same (example id, step) pairs: none missing or doubled
-    for key, row in want.items():
-        err = ((got[key] - row).norm() / row.norm()).item()
-        assert err <= rtol, (key, err)
+    """Rows keyed by ``(example id + id_offset, step)``."""
+    return {(i + id_offset, s): r for (i, s), r in rows_by_id(store, with_step=True).items()}
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +67,7 @@ def test_two_processes_equal_one(tmp_path, single, strategy):
     assert store.complete and store.attrs["world_size"] == 2
     assert sorted(set(store.ranks.tolist())) == [0, 1]
     offset = 100 if extra else 0  # the reference dataset carries ids 100.. in its rows
-    assert_same_rows(rows_by_key(store, offset), rows_by_key(single))
+    assert_rows_match(rows_by_key(store, offset), rows_by_key(single))
     # the optimizer normalizers gathered from sharded state equal the unsharded ones
     name = "normalizers/normalizers.safetensors"
     mine, ref = load_file(store.path / name), load_file(single.path / name)
@@ -77,9 +76,29 @@ def test_two_processes_equal_one(tmp_path, single, strategy):
         torch.testing.assert_close(mine[key], value, rtol=1e-5, atol=1e-12)
 
 
+@pytest.mark.parametrize("strategy", ["ddp", "bergson_fsdp2"])
+def test_ragged_lengths_under_two_processes_equal_the_oracle(tmp_path, strategy):
+    """Uneven lengths and masked prompts: each rank's token mean weights its examples by
+    1 / (its own supervised tokens), yet every row is the example's own summed-loss gradient
+    (lr=0 keeps the parameters; exact rows of two modules; normalizer none)."""
+    args = ["--batch-size", "2", "--strategy", strategy, "--ragged", "--lr", "0",
+            "--normalizer", "none", "--projection-dim", "0", "--include", *MODULES]  # fmt: skip
+    store = run(tmp_path / "run", *args, processes=2)
+    assert store.attrs["world_size"] == 2 and sorted(set(store.ranks.tolist())) == [0, 1]
+    data = lm_batch(num=16, seq=8, seed=1, prompt=True)  # the script's data
+    assert len(set(data["attention_mask"].sum(1).tolist())) > 1  # ragged
+    grads = oracle_lm_grads(tiny_gpt_neox(), data, "sum")
+    full = torch.cat([module_grad(grads, m).flatten(1) for m in MODULES], dim=1)
+    want = {
+        (int(i), s): full[int(i) - 100] for i, s in zip(store.example_ids, store.steps, strict=True)
+    }
+    assert_rows_match(rows_by_id(store, with_step=True), want)
+    assert len(want) == 32  # 16 examples x 2 epochs, none missing or doubled
+
+
 def test_accumulation_one_vs_four(tmp_path, single):
     store = run(tmp_path / "run", "--batch-size", "1", "--accumulate", "4")
-    assert_same_rows(rows_by_key(store), rows_by_key(single))
+    assert_rows_match(rows_by_key(store), rows_by_key(single))
 
 
 def test_bf16_mixed_rows_near_fp32(tmp_path, single):
@@ -96,7 +115,7 @@ def test_bf16_mixed_rows_near_fp32(tmp_path, single):
 
 def test_float64_rows(tmp_path, single):
     store = run(tmp_path / "run", "--batch-size", "4", "--precision", "64-true")
-    assert_same_rows(rows_by_key(store), rows_by_key(single), rtol=1e-5)
+    assert_rows_match(rows_by_key(store), rows_by_key(single), tol=1e-5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="16-mixed (GradScaler) needs a GPU")
@@ -115,7 +134,7 @@ def test_gpu_rows_equal_cpu_rows(tmp_path, single):  # pragma: no cover - GPU on
     """Hooks, projections (generated on CPU) and the writer give the same rows on CUDA."""
     torch.backends.cuda.matmul.allow_tf32 = False
     store = run(tmp_path / "gpu", "--batch-size", "4", "--accelerator", "gpu")
-    assert_same_rows(rows_by_key(store), rows_by_key(single), rtol=1e-4)
+    assert_rows_match(rows_by_key(store), rows_by_key(single), tol=1e-4)
 
 
 def test_strategies_are_registered():

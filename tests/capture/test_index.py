@@ -9,8 +9,8 @@ import lightning.pytorch as L
 import pytest
 import torch
 import yaml
-from attribution_fixtures import assert_row_close, fit_with_capture, rows_by_id
-from oracles import lm_batch, tiny_gpt_neox
+from oracles import assert_rows_match, lm_batch, rows_by_id, tiny_gpt_neox
+from recipes import fit_with_capture
 
 from lightning_bergson import CausalLMModule, GradientCaptureCallback, HeadConfig, TextDataModule
 from lightning_bergson.attribution import Attributor, query_batch
@@ -37,10 +37,7 @@ def test_index_rows_equal_callback_rows(tmp_path):
     fit_with_capture(CausalLMModule(copy.deepcopy(net), lr=0.0), data, capture(tmp_path, "a.zarr"))
     before = copy.deepcopy(net.state_dict())
     fit_with_capture(IndexModule(net), data, capture(tmp_path, "b.zarr"), batch_size=4)
-    want, got = rows_by_id(tmp_path / "a.zarr"), rows_by_id(tmp_path / "b.zarr")
-    assert sorted(got) == sorted(want)
-    for i in want:
-        assert_row_close(got[i], want[i])
+    assert_rows_match(rows_by_id(tmp_path / "b.zarr"), rows_by_id(tmp_path / "a.zarr"))
     for key, value in net.state_dict().items():  # no parameter changed
         assert torch.equal(value, before[key]), key
 
@@ -80,8 +77,7 @@ def test_index_command_over_a_checkpoint(tmp_path):
     attr = Attributor(tmp_path / "idx.zarr", dtype=torch.float64)
     batch = query_batch(data.tokenizer, data.texts[:5], max_length=64, append_eos=True)
     got = attr.query_gradients(model, batch)
-    for i in range(5):
-        assert_row_close(got[i], stored[i])
+    assert_rows_match(dict(enumerate(got)), {i: stored[i] for i in range(5)})
 
 
 # ------------------------------------------------------------------ exact, frozen, weighted

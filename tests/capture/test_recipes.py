@@ -26,6 +26,7 @@ from recipes import (
     classification_batch,
     loop_oracle,
     stored_modules,
+    summed_lm_loss,
     tiny_bert,
     tiny_gpt2,
     tiny_llama,
@@ -205,12 +206,7 @@ def test_hugging_face_loss_without_contract_is_exact(tmp_path, make, accumulate)
     if make is tiny_gpt2:
         assert "transformer.h.0.attn.c_attn" in names
 
-    def loss_of(i):
-        logits = ref(
-            input_ids=batch["input_ids"][i : i + 1],
-            attention_mask=batch["attention_mask"][i : i + 1],
-        ).logits
-        return example_losses(logits, batch["labels"][i : i + 1])[0]
+    loss_of = summed_lm_loss(ref, batch)
 
     rows = loop_oracle(ref, names, loss_of, range(6))
     store = assert_store_matches(tmp_path / "g.zarr", {k + 100: v for k, v in rows.items()})
@@ -244,12 +240,7 @@ def test_example_mean_loss_is_measured_and_declarations_checked(tmp_path, declar
     run.fit(ExampleMeanModule(net), loader)
     names = stored_modules(tmp_path / "g.zarr")
 
-    def loss_of(k):
-        logits = ref(
-            input_ids=batch["input_ids"][k : k + 1],
-            attention_mask=batch["attention_mask"][k : k + 1],
-        ).logits
-        return example_losses(logits, batch["labels"][k : k + 1])[0]
+    loss_of = summed_lm_loss(ref, batch)
 
     rows = loop_oracle(ref, names, loss_of, range(6))
     assert_store_matches(tmp_path / "g.zarr", {k + 100: v for k, v in rows.items()})
@@ -350,12 +341,7 @@ def test_peft_lora_captures_the_adapters_only(tmp_path):
     assert names and all(".lora_A." in n or ".lora_B." in n for n in names), names
     assert len(names) == 4  # q_proj and v_proj, A and B
 
-    def loss_of(k):
-        logits = ref(
-            input_ids=batch["input_ids"][k : k + 1],
-            attention_mask=batch["attention_mask"][k : k + 1],
-        ).logits
-        return example_losses(logits, batch["labels"][k : k + 1])[0]
+    loss_of = summed_lm_loss(ref, batch)
 
     rows = loop_oracle(ref, names, loss_of, range(4))
     assert_store_matches(tmp_path / "g.zarr", {k + 100: v for k, v in rows.items()})
@@ -444,12 +430,7 @@ def test_weighted_hf_loss_without_contract_gives_token_loss_rows_and_warns_on_ze
         )
     names = stored_modules(tmp_path / "g.zarr")
 
-    def loss_of(k):
-        logits = ref(
-            input_ids=batch["input_ids"][k : k + 1],
-            attention_mask=batch["attention_mask"][k : k + 1],
-        ).logits
-        return example_losses(logits, batch["labels"][k : k + 1])[0]
+    loss_of = summed_lm_loss(ref, batch)
 
     want = loop_oracle(ref, names, loss_of, range(4))
     want[1] = torch.zeros_like(want[1])

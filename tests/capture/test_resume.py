@@ -10,11 +10,11 @@ import sys
 import warnings
 from pathlib import Path
 
-import lightning.pytorch as L
 import numpy as np
 import pytest
 import torch
-from oracles import Rows, lm_batch, tiny_gpt_neox
+from oracles import lm_batch, tiny_gpt_neox
+from recipes import fit_with_capture
 
 import lightning_bergson.store.writer as writer_mod
 from lightning_bergson import CausalLMModule, GradientCaptureCallback, GradientStore
@@ -55,30 +55,28 @@ def uninterrupted(tmp_path_factory) -> GradientStore:
 
 
 @pytest.mark.parametrize(
-    ("kill_batch", "when", "ckpt_every"),
+    ("kill_batch", "when", "ckpt_every", "chunk"),
     [
-        (6, "end", 1),  # mid-epoch, mid accumulation window, rows waiting for their step
-        (11, "backward", 2),  # inside a backward pass of epoch 1; last checkpoint at epoch end
+        (6, "end", 1, []),  # mid-epoch, mid accumulation window, rows waiting for their step
+        (11, "backward", 2, []),  # inside a backward of epoch 1; last checkpoint at epoch end
+        # chunks of 2 rows: step 2's rows are committed after the checkpoint of step 1, so
+        # the store holds more rows than the checkpoint says; the resume must drop them
+        (6, "end", 2, ["--chunk-rows", "2"]),
     ],
 )
 def test_sigkill_then_resume_equals_uninterrupted(
-    tmp_path, uninterrupted, kill_batch, when, ckpt_every
+    tmp_path, uninterrupted, kill_batch, when, ckpt_every, chunk
 ):
-    killed = script(
-        tmp_path,
-        "--ckpt-every",
-        str(ckpt_every),
-        "--kill-batch",
-        str(kill_batch),
-        "--kill-when",
-        when,
-    )
+    common = ["--ckpt-every", str(ckpt_every), *chunk]
+    killed = script(tmp_path, *common, "--kill-batch", str(kill_batch), "--kill-when", when)
     assert killed.returncode == -signal.SIGKILL
     with pytest.warns(IncompleteStoreWarning):
         partial = GradientStore.open(tmp_path / "grads.zarr")
     assert not partial.complete and len(partial) < len(uninterrupted)
 
-    resumed = script(tmp_path, "--ckpt-every", str(ckpt_every), "--resume")
+    if chunk:  # the case this parameter is for: committed rows beyond the checkpoint
+        assert len(partial) > 8  # the checkpoint of step 1 holds 2 steps x 4 rows
+    resumed = script(tmp_path, *common, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     store = GradientStore.open(tmp_path / "grads.zarr")
     assert store.complete
@@ -160,17 +158,8 @@ def test_fault_suite_long(tmp_path, uninterrupted_chunked, seed, kind, extra):
 
 def _fit(tmp_path: Path, callback: GradientCaptureCallback, steps: int = 4) -> None:
     data = lm_batch(num=8, seq=6)
-    loader = torch.utils.data.DataLoader(Rows(data), batch_size=2)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=steps,
-        callbacks=[callback],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    trainer.fit(CausalLMModule(tiny_gpt_neox(), lr=0.0), loader)
+    fit_with_capture(CausalLMModule(tiny_gpt_neox(), lr=0.0), data, callback, batch_size=2,
+                     max_steps=steps)  # fmt: skip
 
 
 def test_full_disk_fails_the_fit_and_keeps_committed_rows(tmp_path, monkeypatch):

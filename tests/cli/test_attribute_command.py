@@ -16,6 +16,7 @@ from lightning_bergson.cli import main
 from lightning_bergson.scores import ScoreArray
 
 ROOT = Path(__file__).resolve().parents[2]
+ROW = r"^ *\*? *\d+\. +\S+ +\[(\d+)\]"  # "  * 1.    +0.123  [42] text"
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +31,16 @@ def run(tmp_path_factory) -> Path:
     return tmp
 
 
+def shown_ids(out: str, query: int) -> tuple[list[int], list[int]]:
+    """The example ids ``attribute`` printed for ``query``: ``([top...], [bottom...])``."""
+    block = out.split(f"Query {query}:")[1].split("\nQuery ")[0]
+    top, _, low = block.partition("bottom ")
+    return (
+        [int(i) for i in re.findall(ROW, top, re.M)],
+        [int(i) for i in re.findall(ROW, low, re.M)],
+    )
+
+
 def test_attribute_prints_top_and_bottom_and_writes_a_report(run, capsys):
     args = ["attribute", "--store", str(run / "grads.zarr"), "--model", str(run)]
     main([*args, "--fact", "[0, 2]", "--query", "Hello there", "--top_k", "3", "--bottom", "true"])
@@ -40,6 +51,22 @@ def test_attribute_prints_top_and_bottom_and_writes_a_report(run, capsys):
     assert "Query 0: Hello there" in out
     assert f"Query 1: {fact.query} [answer: {fact.value}]" in out
     assert out.count("top 3:") == 3 and out.count("bottom 3:") == 3
+    # which examples come back: the API's ranking with the command's defaults
+    module, data_hp = load_model(run)
+    data = load_text_data(data_hp)
+    attr = Attributor(
+        run / "grads.zarr", unit_norm=True, preconditioner="fit", example_reduce="mean"
+    )
+    queries = [("Hello there", None)] + [
+        (f.query, f.answer) for f in (corpus.facts[0], corpus.facts[2])
+    ]
+    for q, (text, answer) in enumerate(queries):
+        batch = query_batch(data.tokenizer, [text], answers=None if answer is None else [answer])
+        scores, ids = attr.scores(attr.query_gradients(module, batch))
+        order = np.argsort(-scores[0].numpy(), kind="stable")
+        top, low = shown_ids(out, q)
+        assert top == ids[order[:3]].tolist(), q
+        assert low == ids[order[::-1][:3]].tolist(), q
     main([*args, "--fact", "0", "--report", str(run / "report"), "--unit_norm", "false"])
     page = (run / "report" / "report.html").read_text()
     assert fact.query in page and (run / "report" / "scores_q0.png").is_file()
@@ -80,6 +107,17 @@ def test_readme_main_job_attribute_command(run, capsys):
     main(argv)
     out = capsys.readouterr().out
     assert out.count("top 5:") == 3 and "Query 2:" in out
+    arr_module, data_hp = load_model(run)
+    data = load_text_data(data_hp)
+    attr = Attributor(
+        run / "grads.zarr", unit_norm=True, preconditioner="fit", example_reduce="mean"
+    )
+    for q, fact in enumerate(data.corpus.facts[:3]):  # --fact "[0, 1, 2]"
+        batch = query_batch(data.tokenizer, [fact.query], answers=[fact.answer])
+        scores, ids = attr.scores(attr.query_gradients(arr_module, batch))
+        assert (
+            shown_ids(out, q)[0] == ids[np.argsort(-scores[0].numpy(), kind="stable")[:5]].tolist()
+        )
 
 
 def test_score_and_attribute_refuse_a_damaged_store(run, tmp_path, capsys):

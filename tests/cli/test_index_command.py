@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from oracles import tiny_gpt_neox
 from recipes import assert_store_matches
-from transformers import AutoModelForCausalLM, AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lightning_bergson import GradientStore
 from lightning_bergson.capture import DEFAULT_EXCLUDE, select_modules
@@ -42,18 +43,7 @@ def model_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("model")
     tok = train_tokenizer(TEXTS * 3, vocab_size=300)
     tok.chat_template = CHAT
-    torch.manual_seed(0)
-    net = GPTNeoXForCausalLM(
-        GPTNeoXConfig(
-            vocab_size=len(tok),
-            hidden_size=16,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=32,
-            max_position_embeddings=64,
-            attn_implementation="eager",
-        )
-    )
+    net = tiny_gpt_neox(0, len(tok), hidden_size=16, num_attention_heads=2, intermediate_size=32)
     net.save_pretrained(root)
     tok.save_pretrained(root)
     return root
@@ -218,6 +208,7 @@ def test_shipped_index_config_is_the_flags_default(request):
     assert yaml.safe_load((root / "configs" / "index.yaml").read_text()) == index_config()
 
 
+@pytest.mark.compare
 def test_rows_equal_bergson_build(tmp_path, model_dir):
     """``index --projection_dim 0`` and ``bergson build`` store the same rows."""
     pytest.importorskip("bergson")

@@ -523,6 +523,7 @@ def test_bad_column_arguments(kwargs, match) -> None:
         TextDataModule("some/dir", tokenizer="tok", **kwargs)
 
 
+@pytest.mark.compare
 def test_tokens_and_labels_equal_bergson_tokenize(tok_dirs) -> None:
     """Same flags, same tokens: Bergson's ``tokenize`` on the same rows (when installed)."""
     pytest.importorskip("bergson")
@@ -548,6 +549,7 @@ def test_tokens_and_labels_equal_bergson_tokenize(tok_dirs) -> None:
     assert ours.input_ids == chats["input_ids"] and ours.labels == chats["labels"]
 
 
+@pytest.mark.compare
 def test_token_batches_equal_bergson_allocation() -> None:
     """One rank: the same documents share a batch as in Bergson's ``allocate_batches``."""
     pytest.importorskip("bergson")

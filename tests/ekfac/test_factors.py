@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
-from functools import partial
-
-import lightning.pytorch as L
 import pytest
 import torch
-from oracles import lm_batch, module_grad, oracle_lm_grads, tiny_gpt_neox
+from oracles import (
+    batch_rows,
+    explicit_covariances,
+    lm_batch,
+    module_grad,
+    oracle_lm_grads,
+    tiny_gpt_neox,
+)
+from recipes import trainer
 from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.utils.data import DataLoader
@@ -19,51 +24,6 @@ from lightning_bergson.ekfac.accumulate import finalize_covariances
 NUM, SEQ, BATCH = 12, 10, 4
 
 
-def _rows(batch: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
-    return [{k: v[i] for k, v in batch.items()} for i in range(len(next(iter(batch.values()))))]
-
-
-def _fit(ek: L.LightningModule, loader: DataLoader, max_epochs: int | None = None) -> None:
-    L.Trainer(
-        max_epochs=max_epochs or ek.num_phases,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    ).fit(ek, loader)
-
-
-def _explicit_covariances(model: nn.Module, batch: dict, names: list[str], bias: bool):
-    """Token-by-token sums of a a^T and g g^T (g from .grad of retained outputs)."""
-    inputs, outputs = {}, {}
-
-    def keep(name, module, args, out):
-        inputs[name] = args[0].detach()
-        out.retain_grad()
-        outputs[name] = out
-
-    modules = dict(model.named_modules())
-    hooks = [modules[n].register_forward_hook(partial(keep, n)) for n in names]
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    tok = nn.functional.cross_entropy(
-        logits[:, :-1].transpose(1, 2), batch["labels"][:, 1:], ignore_index=-100, reduction="none"
-    )
-    tok.sum().backward()
-    for h in hooks:
-        h.remove()
-    mask = batch["attention_mask"]
-    out = {}
-    for n in names:
-        a, g = inputs[n].double(), outputs[n].grad.double()
-        if bias:
-            a = torch.cat([a, torch.ones(*a.shape[:-1], 1, dtype=a.dtype)], -1)
-        a_sum = sum(torch.outer(a[b, t], a[b, t]) for b, t in mask.nonzero().tolist())
-        g_sum = sum(torch.outer(g[b, t], g[b, t]) for b, t in mask.nonzero().tolist())
-        out[n] = (a_sum / mask.sum(), g_sum / mask.sum())
-    return out
-
-
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30))
 
@@ -72,14 +32,14 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def fitted(request, tmp_path_factory):
     dtype, bias = request.param
     model = tiny_gpt_neox(0, dtype=dtype)
-    batch = lm_batch(NUM, SEQ, seed=3)
+    batch = lm_batch(NUM, SEQ, seed=3, prompt=True)  # labels -100 on attended prompt tokens
     ek = EkfacModule(
         model,
         factors_dir=str(tmp_path_factory.mktemp("ekfac")),
         include_bias=bias,
         factor_dtype="float64" if dtype == torch.float64 else "float32",
     )
-    _fit(ek, DataLoader(_rows(batch), batch_size=BATCH))
+    trainer(max_epochs=ek.num_phases).fit(ek, DataLoader(batch_rows(batch), batch_size=BATCH))
     return ek, batch, bias
 
 
@@ -88,14 +48,18 @@ def test_covariances_equal_explicit_token_sums(fitted):
     factors = EkfacFactors.load(ek.factors_dir)
     names = list(ek.tracked)
     assert len(names) == 8 and all("embed_out" not in n for n in names)
-    explicit = _explicit_covariances(ek.network, batch, names, bias)
+    explicit = explicit_covariances(ek.network, batch, names, bias)
     for n in names:
         f = factors.modules[n]
         assert _rel(f.activation_covariance, explicit[n][0]) <= 1e-5, n
         assert _rel(f.gradient_covariance, explicit[n][1]) <= 1e-5, n
         assert f.activation_covariance.shape[0] == ek.shapes[n][1]
+    # A and S average over the tokens the attention mask keeps, prompt tokens included: their
+    # outputs feed the later supervised tokens, so they are part of each example's gradient.
     tokens = int(batch["attention_mask"].sum())
+    assert tokens > int((batch["labels"] != -100).sum())  # the prompts make the two differ
     assert set(factors.counts["activation"].values()) == {tokens}
+    assert set(factors.counts["gradient"].values()) == {tokens}
     assert set(factors.counts["lambda"].values()) == {NUM}
 
 
@@ -130,7 +94,7 @@ def test_true_fisher_is_independent_of_batching(tmp_path):
         ek = EkfacModule(
             tiny_gpt_neox(0), factors_dir=str(tmp_path / f"{size}{fisher}"), fisher=fisher
         )
-        _fit(ek, DataLoader(_rows(batch), batch_size=size))
+        trainer(max_epochs=ek.num_phases).fit(ek, DataLoader(batch_rows(batch), batch_size=size))
         lams.append(
             EkfacFactors.load(ek.factors_dir).modules["gpt_neox.layers.1.mlp.dense_4h_to_h"]
         )
@@ -170,7 +134,7 @@ def _toy(tmp_path, num: int = 64, tokens: int = 3):
         "y": torch.randint(0, 5, (num, tokens)),
     }
     ek = ToyEkfac(net, factors_dir=str(tmp_path / "toy"), factor_dtype="float64")
-    _fit(ek, DataLoader(_rows(data), batch_size=16))
+    trainer(max_epochs=ek.num_phases).fit(ek, DataLoader(batch_rows(data), batch_size=16))
     params = {k: v.detach() for k, v in net.named_parameters()}
 
     def loss(p, x, y):
@@ -239,7 +203,9 @@ def test_non_finite_covariance_names_the_module(tmp_path):
         model.gpt_neox.layers[1].mlp.dense_4h_to_h.weight[0, 0] = float("inf")
     ek = EkfacModule(model, factors_dir=str(tmp_path / "nan"))
     with pytest.raises(NonFiniteFactorError, match=r"module 'gpt_neox\.layers\.\d"):
-        _fit(ek, DataLoader(_rows(lm_batch(4, SEQ)), batch_size=4))
+        trainer(max_epochs=ek.num_phases).fit(
+            ek, DataLoader(batch_rows(lm_batch(4, SEQ)), batch_size=4)
+        )
 
 
 def test_bad_arguments_name_the_fix(tmp_path):
@@ -250,4 +216,6 @@ def test_bad_arguments_name_the_fix(tmp_path):
     ek = EkfacModule(tiny_gpt_neox(0), factors_dir=str(tmp_path))
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(FileExistsError, match="overwrite=True"):
-        _fit(ek, DataLoader(_rows(lm_batch(4, SEQ)), batch_size=4))
+        trainer(max_epochs=ek.num_phases).fit(
+            ek, DataLoader(batch_rows(lm_batch(4, SEQ)), batch_size=4)
+        )

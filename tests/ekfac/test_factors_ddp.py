@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from oracles import explicit_covariances, lm_batch, module_grad, oracle_lm_grads, tiny_gpt_neox
 
 from lightning_bergson.ekfac import EkfacFactors
 from lightning_bergson.ekfac.storage import read_factor
@@ -83,3 +84,25 @@ def test_ddp_writes_one_shard_per_rank_with_disjoint_modules(runs):
         merged = read_factor(factors_dir, kind)
         assert sorted(merged) == sorted(config["modules"])
     assert {m["shard"] for m in config["modules"].values()} == {0, 1}
+
+
+@pytest.mark.slow
+def test_ddp_factors_equal_an_independent_single_process_oracle(runs):
+    """Against plain autograd in one process (not the package): A and S are token sums of
+    a a^T and g g^T over the attention mask, Lambda the mean of (Q_S^T G_i Q_A)^2 with G_i
+    from torch.func per-example gradients (in the DDP run's own eigenbasis)."""
+    root, _ = runs
+    factors = EkfacFactors.load(root / "ddp" / "empirical")
+    script = _script()
+    batch = lm_batch(script.NUM_EXAMPLES, 10, seed=1)  # the script's documents
+    net = tiny_gpt_neox(0, dtype=torch.float64)
+    names = list(factors.modules)
+    explicit = explicit_covariances(net, batch, names, bias=True)
+    grads = oracle_lm_grads(net, batch)
+    for n, f in factors.modules.items():
+        assert _close(f.activation_covariance, explicit[n][0], rtol=1e-9), n
+        assert _close(f.gradient_covariance, explicit[n][1], rtol=1e-9), n
+        g = module_grad(grads, n, bias=True).double()  # (N, O, I+1)
+        q_s, q_a = f.gradient_eigenvectors.double(), f.activation_eigenvectors.double()
+        lam = torch.stack([(q_s.T @ g[i] @ q_a) ** 2 for i in range(len(g))]).mean(0)
+        assert _close(f.eigenvalue_correction, lam, rtol=1e-8), n

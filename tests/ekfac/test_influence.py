@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import lightning.pytorch as L
 import pytest
 import torch
 import yaml
 from oracles import MICRO, lm_batch, micro_gpt_neox, module_grad, oracle_lm_grads
 from oracles import batch_rows as _rows
+from recipes import trainer
 from torch.utils.data import DataLoader
 
 from lightning_bergson import CausalLMModule, EkfacModule, GradientCaptureCallback, TextDataModule
@@ -19,25 +19,13 @@ SEQ = 10
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[2]
 
 
-def _trainer(**kw) -> L.Trainer:
-    kw = {
-        "accelerator": "cpu",
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        **kw,
-    }
-    return L.Trainer(**kw)
-
-
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory):
     model = micro_gpt_neox()
     train, queries = lm_batch(10, SEQ, seed=1), lm_batch(3, SEQ, seed=2)
     ek = EkfacModule(model, factors_dir=str(tmp_path_factory.mktemp("ek")), factor_dtype="float64")
     loader = DataLoader(_rows(train), batch_size=5)
-    _trainer(max_epochs=ek.num_phases).fit(ek, loader)
+    trainer(max_epochs=ek.num_phases).fit(ek, loader)
     assert ek.phase == "done"
     return ek, train, queries
 
@@ -116,13 +104,13 @@ def test_store_gradients_checkpoint_and_projected_store(tmp_path):
         ),
         GradientCaptureCallback(tmp_path / "proj.zarr", projection_dim=4),
     ]
-    trainer = _trainer(max_epochs=1, callbacks=cbs)
-    trainer.fit(lm, loader)
-    trainer.save_checkpoint(tmp_path / "lm.ckpt")
+    run = trainer(*cbs, max_epochs=1)
+    run.fit(lm, loader)
+    run.save_checkpoint(tmp_path / "lm.ckpt")
     ek = EkfacModule(str(tmp_path / "lm.ckpt"), factors_dir=str(tmp_path / "ek"))
     for p, q in zip(ek.network.parameters(), lm.model.parameters(), strict=True):
         assert torch.equal(p, q)
-    _trainer(max_epochs=ek.num_phases).fit(ek, loader)
+    trainer(max_epochs=ek.num_phases).fit(ek, loader)
     queries = DataLoader(_rows(lm_batch(2, SEQ, seed=9)), batch_size=2)
     live = ek.pairwise_scores(queries, loader)
     stored = ek.pairwise_scores(queries, store=tmp_path / "exact.zarr")
@@ -137,13 +125,13 @@ def test_resume_from_a_phase_checkpoint(fitted, tmp_path):
     ek_ref, train, _ = fitted
     loader = DataLoader(_rows(train), batch_size=5)
     ek = EkfacModule(micro_gpt_neox(), factors_dir=str(tmp_path / "f"), factor_dtype="float64")
-    trainer = _trainer(max_epochs=1)
+    run = trainer(max_epochs=1)
     with pytest.warns(UserWarning, match="stopped after 1 of 2 phases"):
-        trainer.fit(ek, loader)
-    trainer.save_checkpoint(tmp_path / "phase1.ckpt")
+        run.fit(ek, loader)
+    run.save_checkpoint(tmp_path / "phase1.ckpt")
     assert ek.phase == "eigenvalue_correction"
     ek2 = EkfacModule(micro_gpt_neox(), factors_dir=str(tmp_path / "f"), factor_dtype="float64")
-    _trainer(max_epochs=ek2.num_phases).fit(ek2, loader, ckpt_path=tmp_path / "phase1.ckpt")
+    trainer(max_epochs=ek2.num_phases).fit(ek2, loader, ckpt_path=tmp_path / "phase1.ckpt")
     got = EkfacFactors.load(tmp_path / "f").modules
     ref = EkfacFactors.load(ek_ref.factors_dir).modules
     for n, f in ref.items():

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import lightning.pytorch as L
 import pytest
 import torch
 from magic_oracles import tiny_batches, tiny_model, tiny_query, train
+from recipes import trainer
 from torch.utils.data import DataLoader
 
 from lightning_bergson import MagicModule
@@ -21,16 +21,9 @@ def _fit(
     precision: str = "32-true",
     accumulate: int = 1,
 ) -> MagicModule:
-    trainer = L.Trainer(
-        max_epochs=epochs,
-        precision=precision,
-        accumulate_grad_batches=accumulate,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
+    trainer(max_epochs=epochs, precision=precision, accumulate=accumulate).fit(
+        module, DataLoader(batches, batch_size=None)
     )
-    trainer.fit(module, DataLoader(batches, batch_size=None))
     return module
 
 

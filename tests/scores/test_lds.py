@@ -84,9 +84,18 @@ def test_fit_then_lds_commands_on_the_shipped_config(tmp_path, capsys):
     assert scores.convention == "metagradient" and scores.method == "magic"
     assert scores.scores.shape == (2, len(scores.example_ids)) and np.isfinite(scores.scores).all()
     assert not (tmp_path / "reverse.safetensors").exists()
-    out = tmp_path / "lds.json"
-    lds_args = ["--fit_config", str(path), "--num_subsets", "3", "--output", str(out)]
-    main(["lds", "--scores", str(tmp_path / "scores.zarr"), *lds_args])
+    out, cache = tmp_path / "lds.json", tmp_path / "retrains.safetensors"
+    lds_args = ["--fit_config", str(path), "--num_subsets", "4", "--output", str(out)]
+    main(["lds", "--scores", str(tmp_path / "scores.zarr"), *lds_args, "--retrains", str(cache)])
     per_query = json.loads(out.read_text())["lds"][str(tmp_path / "scores.zarr")]
-    assert len(per_query) == 2 and all(-1 <= v <= 1 for v in per_query)
     assert "magic" in capsys.readouterr().out
+    # by hand: predicted loss of subset m = sum of the kept examples' metagradients (removing
+    # example i changes the loss by about -score_i), Spearman by 1 - 6 sum d^2 / (n (n^2 - 1))
+    saved = load_file(str(cache))
+    masks, measured = saved["masks"].astype(bool), saved["losses"]  # (4, N), (4, Q)
+    assert masks.shape[0] == 4 and measured.shape == (4, 2)
+    kept = masks[:, scores.example_ids].astype(np.float64)  # (4, N')
+    for q in range(2):
+        predicted = kept @ scores.scores[q].astype(np.float64)  # (4,)
+        d = np.argsort(np.argsort(predicted)) - np.argsort(np.argsort(measured[:, q]))
+        assert per_query[q] == pytest.approx(1 - 6 * (d**2).sum() / (4 * (4**2 - 1)))

@@ -56,6 +56,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--normalizer", default="adafactor")
     p.add_argument("--projection-dim", type=int, default=4)
     p.add_argument("--no-ids", action="store_true", help="dataset without example_id column")
+    p.add_argument("--ragged", action="store_true", help="uneven lengths and masked prompts")
+    p.add_argument("--include", nargs="*", default=None, help="captured module globs")
     p.add_argument("--ckpt-every", type=int, default=0)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--kill-batch", type=int, default=-1)
@@ -100,9 +102,10 @@ def arm_store_faults(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
     out = Path(args.out)
-    data = lm_batch(num=args.num, seq=args.seq, seed=1)
-    data["attention_mask"].fill_(1)  # equal lengths: DDP's mean of means == the global mean
-    data["labels"] = data["input_ids"].clone()
+    data = lm_batch(num=args.num, seq=args.seq, seed=1, prompt=args.ragged)
+    if not args.ragged:  # equal lengths: DDP's mean of means == the global mean
+        data["attention_mask"].fill_(1)
+        data["labels"] = data["input_ids"].clone()
     if args.no_ids:  # a dataset without example_id: the Bergson strategy adds the rows
         del data["example_id"]
     rows = Rows(data)
@@ -119,6 +122,7 @@ def main(argv: list[str] | None = None) -> None:
             dtype="float32",
             overwrite=not args.resume,
             chunk_rows=args.chunk_rows,
+            include=args.include,
         )
     ]
     arm_store_faults(args)

@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from oracles import lm_batch, tiny_gpt_neox
+from oracles import batch_rows, lm_batch, tiny_gpt_neox
 
 from lightning_bergson import EkfacModule
 
@@ -30,8 +30,7 @@ FISHERS = ("empirical", "true")
 
 def rows(num: int = NUM_EXAMPLES, seq: int = 10, seed: int = 1) -> list[dict[str, torch.Tensor]]:
     """Documents of ``lm_batch`` as dataset rows (default collate stacks them back)."""
-    batch = lm_batch(num, seq, seed=seed)
-    return [{k: v[i] for k, v in batch.items()} for i in range(num)]
+    return batch_rows(lm_batch(num, seq, seed=seed))
 
 
 def fit(out: Path, fisher: str, devices: int, num: int = NUM_EXAMPLES) -> EkfacModule:

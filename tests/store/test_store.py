@@ -474,6 +474,7 @@ def test_store_without_the_advantage_column_opens_and_resumes(tmp_path):
     shutil.rmtree(path / "rank_0" / "advantage")
     store = GradientStore.open(path)
     assert store.advantages.shape == (11,) and bool(np.isnan(store.advantages).all())
+    assert store.advantages.dtype == np.float32  # the column's dtype, also when filled
     w = GradientStoreWriter.reopen(path, committed_rows=11, background=False)
     w.append(np.ones((2, store.dim)), example_id=[50, 51], step=3, epoch=0, advantage=[0.5, -2])
     w.close()
