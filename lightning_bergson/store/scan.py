@@ -11,9 +11,11 @@ compress), so a chunk file of ``rank_<r>/gradients`` is the chunk's rows as raw
 little-endian bytes followed by their crc32c (schema 2). For a full-row scan the reader
 ``readinto``\ s those bytes straight into a ring of reused buffers and casts them into a
 second ring in the scoring dtype: no per-chunk allocation (fresh pages cost more than the
-copy) and no intermediate arrays. Whenever the layout is anything else (another codec,
-sharding, non-local storage, a column subset), it falls back to
-:meth:`GradientStore.iter_chunks`; both yield the same values.
+copy) and no intermediate arrays. On object storage (``s3://``, ...) the same chunks are
+fetched as whole objects, all the chunks of one yielded block at once (concurrent GETs), and
+checked the same way: a missing object is damage, never the fill value. Whenever the layout
+is anything else (another codec, sharding, a column subset), it falls back to
+:meth:`GradientStore.iter_chunks`; all paths yield the same values.
 
 Buffers are reused: a yielded tensor stays valid until ``ring - 2`` further chunks have
 been read, which covers :func:`prefetch` with ``depth = ring - 2`` (one chunk being read,
@@ -22,6 +24,7 @@ been read, which covers :func:`prefetch` with ``depth = ring - 2`` (one chunk be
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import queue
 import sys
@@ -34,6 +37,8 @@ from typing import NamedTuple, TypeVar
 import google_crc32c
 import numpy as np
 import torch
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
 
 from .integrity import ChunkGuard, integrity_error
 from .reader import GradientStore
@@ -60,6 +65,13 @@ class _RawArray:
     def _damage(self, k: int, kind: str, detail: str = "") -> StoreIntegrityError:
         return integrity_error(self.guard.path, [self.guard.damage(k, kind, detail)])
 
+    def _verify(self, k: int, data: np.ndarray, tail: bytes) -> None:
+        """Refuse chunk ``k`` whose bytes ``data`` do not match the crc32c ``tail``."""
+        frozen = data.reshape(-1).view(np.uint8)
+        frozen.flags.writeable = False  # a read-only view: what the crc32c extension takes
+        if google_crc32c.value(frozen) != int.from_bytes(tail, "little"):
+            raise self._damage(k, "checksum")
+
     def _whole(self, k: int, dest: np.ndarray) -> None:
         """Chunk ``k`` (all its rows, padding included) into ``dest``, verified."""
         path = self.chunk_path(k)
@@ -79,14 +91,12 @@ class _RawArray:
             return
         if got != len(view) or len(tail) != 4:
             raise self._damage(k, "checksum", "its file has the wrong size")
-        frozen = dest.reshape(-1).view(np.uint8)
-        frozen.flags.writeable = False  # a read-only view: what the crc32c extension takes
-        if google_crc32c.value(frozen) != int.from_bytes(tail, "little"):
-            raise self._damage(k, "checksum")
+        self._verify(k, dest, tail)
 
     def read(self, start: int, stop: int, out: np.ndarray) -> None:
         """Rows ``[start, stop)`` of this rank into ``out`` ``[stop - start, D]``."""
         c = self.per_chunk
+        self._fetch(range(start // c, (stop - 1) // c + 1))
         for k in range(start // c, (stop - 1) // c + 1):
             lo, hi = max(start, k * c), min(stop, (k + 1) * c)
             dest = out[lo - start : hi - start]
@@ -98,6 +108,55 @@ class _RawArray:
                 self._whole(k, buf)
                 self._cached = (k, buf)
             dest[...] = self._cached[1][lo - k * c : hi - k * c]
+
+    def _fetch(self, chunks: range) -> None:
+        """Get ready to read ``chunks`` (local files are opened one by one: nothing to do)."""
+
+
+class _ObjectArray(_RawArray):
+    """One rank's gradient array on object storage: chunks fetched as whole objects.
+
+    :meth:`read` gets every chunk it needs in one batch of concurrent requests; each is
+    checked for its size and crc32c exactly as a local chunk file is.
+    """
+
+    def __init__(self, guard: ChunkGuard, checksum: bool) -> None:
+        super().__init__(guard, Path(), checksum)
+        self._fetched: dict[int, bytes | None] = {}
+
+    def _key(self, k: int) -> str:
+        key = self.arr.metadata.encode_chunk_key((k, 0))
+        return f"{self.arr.path}/{key}" if self.arr.path else key
+
+    def _fetch(self, chunks: range) -> None:
+        store, proto = self.arr.store, default_buffer_prototype()
+
+        async def get_all() -> list:
+            return await asyncio.gather(*(store.get(self._key(k), proto) for k in chunks))
+
+        got = sync(get_all())
+        pairs = zip(chunks, got, strict=True)
+        self._fetched = {k: None if b is None else b.to_bytes() for k, b in pairs}
+
+    def _whole(self, k: int, dest: np.ndarray) -> None:
+        data = self._fetched.pop(k, None) if k in self._fetched else self._get(k)
+        if data is None:
+            if self.guard.checked:
+                raise self._damage(k, "missing")
+            dest[...] = self.arr.metadata.fill_value  # an old store: never written
+            return
+        size, extra = dest.nbytes, 4 if self.checksum else 0
+        if len(data) != size + extra:
+            kind = "checksum" if self.checksum else "unreadable"
+            raise self._damage(k, kind, "its object has the wrong size")
+        body = np.frombuffer(data, dtype=dest.dtype, count=dest.size).reshape(dest.shape)
+        if self.checksum:
+            self._verify(k, body, data[size:])
+        dest[...] = body
+
+    def _get(self, k: int) -> bytes | None:
+        self._fetch(range(k, k + 1))
+        return self._fetched.pop(k)
 
 
 def _raw_layout(store: GradientStore) -> list[tuple[_RawArray, int]] | None:
@@ -114,13 +173,15 @@ def _raw_layout(store: GradientStore) -> list[tuple[_RawArray, int]] | None:
             codecs in (["BytesCodec"], ["BytesCodec", "Crc32cCodec"])
             and str(getattr(endian, "value", endian)) in ("little", "None")
             and tuple(arr.chunks) == (arr.chunks[0], store.dim)
-            and root is not None
             and arr.dtype == store.dtype
         )
         if not raw:
             return None
         checksum = codecs[-1] == "Crc32cCodec"
-        out.append((_RawArray(guard, Path(str(root)) / arr.path, checksum), guard.rows))
+        if root is None:  # object storage (an FsspecStore): whole objects by key
+            out.append((_ObjectArray(guard, checksum), guard.rows))
+        else:
+            out.append((_RawArray(guard, Path(str(root)) / arr.path, checksum), guard.rows))
     return out
 
 
