@@ -50,7 +50,8 @@ class Attributor:
     from the store's is refused (:class:`~lightning_bergson.attribution.StoreMismatchError`).
 
     Args:
-        store: Path of a gradient store (or an open :class:`GradientStore`).
+        store: Path or URL (``s3://bucket/run.zarr``) of a gradient store, or an open
+            :class:`GradientStore`.
         device: Where scores are computed.
         dtype: Scoring dtype (``torch.float64`` for exact comparisons).
         unit_norm: Cosine similarity instead of inner products.
@@ -77,6 +78,8 @@ class Attributor:
             ``"strict"`` (class, parameter shapes and config, except entries that cannot
             change a gradient in eval mode such as dropout), ``"shapes"`` (class and
             parameter shapes) or ``"off"``.
+        storage_options: Options of the store URL's fsspec filesystem (credentials,
+            ``endpoint_url``); default: the usual environment variables.
 
     Example:
         >>> import tempfile
@@ -105,6 +108,7 @@ class Attributor:
         normalizers: str | Path | None = None,
         faiss: str | None = None,
         check_model: Literal["strict", "shapes", "off"] = "strict",
+        storage_options: dict[str, Any] | None = None,
     ) -> None:
         if example_reduce not in ("none", "sum", "mean", "max"):
             raise ValueError(
@@ -112,7 +116,10 @@ class Attributor:
             )
         if not 0.0 <= query_mix <= 1.0:
             raise ValueError(f"query_mix must be in [0, 1], got {query_mix}")
-        self.store = store if isinstance(store, GradientStore) else GradientStore.open(store)
+        if isinstance(store, GradientStore):
+            self.store = store
+        else:
+            self.store = GradientStore.open(store, storage_options=storage_options)
         self.encoder = QueryEncoder(self.store, check_model=check_model, normalizers=normalizers)
         self.check_model, self.settings = check_model, self.encoder.settings
         self.scorer = StreamingScorer(

@@ -154,10 +154,13 @@ def _query_rows(attr: Attributor, ctx: _Context) -> Tensor:
     return torch.cat(rows)  # (Q, D)
 
 
-def _attributor(store: str, opts: ScoringOptions) -> Attributor:
+def _attributor(
+    store: str, opts: ScoringOptions, storage_options: dict[str, Any] | None = None
+) -> Attributor:
     """The Attributor both commands build; ``preconditioner="none"`` turns it off."""
     return Attributor(
         store,
+        storage_options=storage_options,
         device=opts.device,
         unit_norm=opts.unit_norm,
         preconditioner=None if opts.preconditioner == "none" else opts.preconditioner,
@@ -187,6 +190,7 @@ def attribute(
     top_k: int = 5,
     bottom: bool = False,
     report: str | None = None,
+    storage_options: dict[str, Any] | None = None,
 ) -> None:
     """Print the training texts whose gradients best match each query's (and optionally worst).
 
@@ -198,10 +202,12 @@ def attribute(
         top_k: Training examples shown per query and side.
         bottom: Also show the lowest-scoring (most harmful) examples.
         report: Directory to write ``report.md``, ``report.html`` and score histograms.
+        storage_options: JSON options of the store URL's filesystem (``endpoint_url``,
+            ...); default: the usual environment variables (``AWS_ACCESS_KEY_ID``, ...).
     """
     queries, scoring = queries or QueryOptions(), scoring or ScoringOptions()
     ctx = _context(model, queries)
-    attr = _attributor(store, scoring)
+    attr = _attributor(store, scoring, storage_options)
     q = _query_rows(attr, ctx)
     shown = ctx.texts if ctx.texts is not None else {}
     labels = _labels(ctx)
@@ -237,6 +243,7 @@ def score(
     *,
     query_reduce: Literal["none", "mean", "max"] = "none",
     overwrite: bool = False,
+    storage_options: dict[str, Any] | None = None,
 ) -> None:
     """Score queries against every stored row into a Zarr score array (``ScoreArray``).
 
@@ -249,10 +256,12 @@ def score(
         query_reduce: ``mean``/``max`` over queries gives one score per training example
             (LESS-style data selection); ``none`` keeps ``[Q, N]``.
         overwrite: Replace an existing ``out``.
+        storage_options: JSON options of the filesystem of the URLs ``store`` and ``out``
+            (``endpoint_url``, ...); default: the usual environment variables.
     """
     queries, scoring = queries or QueryOptions(), scoring or ScoringOptions()
     ctx = _context(model, queries)
-    attr = _attributor(store, scoring)
+    attr = _attributor(store, scoring, storage_options)
     meta = {
         "queries": _labels(ctx),
         "relevant": [sorted(r) for r in ctx.relevant],
@@ -262,7 +271,7 @@ def score(
     q = _query_rows(attr, ctx)
     path = write_score_array(
         attr, q, out, query_reduce=query_reduce, modules=scoring.modules, metadata=meta,
-        overwrite=overwrite,
+        overwrite=overwrite, storage_options=storage_options,
     )  # fmt: skip
     print(f"scores [{len(q) if query_reduce == 'none' else 1}, ...] written to {path}")
 

@@ -185,8 +185,11 @@ class ChunkGuard:
         key = self.array.metadata.encode_chunk_key((chunk,) + (0,) * (self.array.ndim - 1))
         root = getattr(self.array.store, "root", None)
         if root is None:
+            store = self.array.store
             path = f"{self.array.path}/{key}" if self.array.path else key
-            return bool(sync(self.array.store.exists(path)))
+            if (fs := getattr(store, "fs", None)) is not None:  # ask the server, not a listing
+                fs.invalidate_cache(f"{store.path}/{path}")  # cached when the store was opened
+            return bool(sync(store.exists(path)))
         return (Path(str(root)) / self.array.path / key).is_file()
 
     def scan(self, chunks: Sequence[int] | range | None = None) -> list[Damage]:

@@ -15,6 +15,7 @@ import socket
 from collections.abc import Iterator
 
 import pytest
+from captures import fit
 
 pytest.importorskip("s3fs", reason="remote stores need s3fs (pip install -e '.[dev]')")
 moto_server = pytest.importorskip("moto.server", reason="needs moto[server] (the dev extra)")
@@ -34,35 +35,56 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def s3_endpoint() -> Iterator[str]:
-    """``http://127.0.0.1:<port>`` of a moto S3 server running for the whole session."""
+def s3_env() -> Iterator[dict[str, str]]:
+    """A moto S3 server on 127.0.0.1 for the whole session, and the AWS environment
+    variables pointing at it (set for this process and the subprocesses tests start)."""
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request
     port = _free_port()
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.stop()
+    env = {**CREDENTIALS, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in env.items():
+            patch.setenv(key, value)
+        for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_CONFIG_FILE"):
+            patch.delenv(key, raising=False)
+        try:
+            yield env
+        finally:
+            server.stop()
 
 
-@pytest.fixture
-def s3_env(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    """The AWS environment variables pointing at the local server (also for subprocesses)."""
-    env = {**CREDENTIALS, "AWS_ENDPOINT_URL": s3_endpoint}
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_CONFIG_FILE"):
-        monkeypatch.delenv(key, raising=False)
-    return env
+def new_bucket(env: dict[str, str]) -> str:
+    """``s3://<bucket>``: a new, empty bucket on the local server."""
+    import s3fs
+
+    name = f"lb-test-{os.getpid()}-{next(_buckets)}"
+    fs = s3fs.S3FileSystem(endpoint_url=env["AWS_ENDPOINT_URL"], skip_instance_cache=True)
+    fs.mkdir(name)
+    return f"s3://{name}"
 
 
 @pytest.fixture
 def bucket(s3_env: dict[str, str]) -> str:
-    """``s3://<bucket>``: a new, empty bucket on the local server for this test."""
-    import s3fs
+    """A new, empty bucket for this test."""
+    return new_bucket(s3_env)
 
-    name = f"lb-test-{os.getpid()}-{next(_buckets)}"
-    fs = s3fs.S3FileSystem(endpoint_url=s3_env["AWS_ENDPOINT_URL"], skip_instance_cache=True)
-    fs.mkdir(name)
-    return f"s3://{name}"
+
+@pytest.fixture(scope="session")
+def local_capture(tmp_path_factory):
+    """The capture of :func:`captures.fit` into a local directory (the reference)."""
+    from lightning_bergson import GradientStore
+
+    path = tmp_path_factory.mktemp("local") / "grads.zarr"
+    fit(path)
+    return GradientStore.open(path)
+
+
+@pytest.fixture(scope="session")
+def remote_capture(s3_env):
+    """The same capture into ``s3://<bucket>/run/grads.zarr`` on the local server."""
+    from lightning_bergson import GradientStore
+
+    url = f"{new_bucket(s3_env)}/run/grads.zarr"
+    fit(url)
+    return GradientStore.open(url)
