@@ -68,6 +68,7 @@ class Location:
             self.url = text.rstrip("/")
             self.protocol = self.url.split("://", 1)[0]
             self._local: Path | None = None
+            self._options = _fresh_listings(self.protocol, self.storage_options)
         else:
             self._local = Path(text[len("file://") :] if text.startswith("file://") else text)
             self.url, self.protocol = str(self._local), "file"
@@ -134,7 +135,7 @@ class Location:
     def fs(self) -> Any:
         """The fsspec filesystem of a remote location (created once)."""
         if self._fs is None:
-            self._fs = _filesystem(self.url, self.storage_options)
+            self._fs = _filesystem(self.url, self._options)
         return self._fs
 
     @property
@@ -247,9 +248,32 @@ class Location:
             return str(self.local)
         from zarr.storage import FsspecStore
 
-        return FsspecStore.from_url(
-            self.url, storage_options=self.storage_options or None, read_only=read_only
+        return FsspecStore.from_url(self.url, storage_options=self._options, read_only=read_only)
+
+
+LISTING_CACHES = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl")
+"""Protocols whose fsspec filesystems cache directory listings (and answer existence and
+size questions from them): a store needs them off, see :func:`_fresh_listings`."""
+
+
+def _fresh_listings(protocol: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """``options`` with the listings cache off for filesystems that keep one.
+
+    s3fs answers "does this object exist, how large is it" from a cached listing of its
+    prefix, even when fetching it: a chunk written by another process after the listing
+    would read as missing, which Zarr turns into the fill value. Every read must ask the
+    server, so the cache is off, and turning it on is refused.
+    """
+    out = dict(options)
+    if protocol not in LISTING_CACHES:
+        return out
+    if out.get("use_listings_cache", False):
+        raise ValueError(
+            "storage_options use_listings_cache=True is refused: a cached listing makes a "
+            "chunk written by another process read as missing (zeros). Drop the option."
         )
+    out["use_listings_cache"] = False
+    return out
 
 
 def _filesystem(url: str, storage_options: Mapping[str, Any]) -> Any:

@@ -42,3 +42,15 @@ def test_storage_options_reach_the_filesystem(bucket, local_capture, s3_env, mon
 def test_storage_options_with_a_local_path_are_refused(tmp_path):
     with pytest.raises(ValueError, match="apply to URLs only"):
         GradientCaptureCallback(tmp_path / "g.zarr", storage_options={"anon": True})
+
+
+def test_a_cached_listing_is_refused_and_off_by_default(remote_capture):
+    """A listing cached before another process wrote a chunk would read that chunk as
+    missing (the fill value): stores ask the server every time, and refuse the cache."""
+    from lightning_bergson.store.location import Location
+
+    url = str(remote_capture.location)
+    with pytest.raises(ValueError, match="use_listings_cache=True is refused"):
+        GradientStore.open(url, storage_options={"use_listings_cache": True})
+    fs = Location(url).fs
+    assert fs.dircache.listings_expiry_time is None and not fs.dircache.use_listings_cache
