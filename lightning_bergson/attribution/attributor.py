@@ -268,9 +268,14 @@ class Attributor:
         return full, self.store.example_ids.copy()
 
     def iter_scores(
-        self, queries: Queries, *, modules: Sequence[str] | None = None
+        self,
+        queries: Queries,
+        *,
+        modules: Sequence[str] | None = None,
+        span: tuple[int, int] | None = None,
     ) -> Iterator[ScoreChunk]:
-        """Scores ``[Q, n]`` of every store row, one chunk at a time, in store order.
+        """Scores ``[Q, n]`` of every store row (or of rows ``span = (begin, end)``, one
+        process's share), one chunk at a time, in store order.
 
         Each :class:`~.streaming.ScoreChunk` holds ``start`` (its first store row), ``scores``
         and the rows' ``example_ids``; rows are never reduced per example here (whatever
@@ -291,7 +296,7 @@ class Attributor:
         """
         q, blocks, pre = self._prepare(queries, modules)
         cache = pre is not None and pre is self.preconditioner
-        yield from self.scorer.iter_scores(q, blocks, pre, cache_norms=cache)
+        yield from self.scorer.iter_scores(q, blocks, pre, cache_norms=cache, span=span)
 
     # ------------------------------------------------------------------ internals
 

@@ -191,6 +191,7 @@ def _raw_chunks(
     chunk_rows: int,
     dtype: torch.dtype,
     ring: int,
+    span: tuple[int, int],
 ) -> Iterator[Chunk]:
     raw = [np.empty((chunk_rows, store.dim), dtype=store.dtype) for _ in range(ring)]
     same = torch.from_numpy(raw[0]).dtype == dtype
@@ -199,8 +200,8 @@ def _raw_chunks(
     else:
         outs = [torch.empty(chunk_rows, store.dim, dtype=dtype) for _ in range(ring)]
     offsets = np.concatenate([[0], np.cumsum([rows for _, rows in layout])])
-    for i, start in enumerate(range(0, len(store), chunk_rows)):
-        stop = min(start + chunk_rows, len(store))
+    for i, start in enumerate(range(span[0], span[1], chunk_rows)):
+        stop = min(start + chunk_rows, span[1])
         buf = raw[i % ring][: stop - start]  # (n, D) in the store's dtype
         for (raw_array, rows), off in zip(layout, offsets.tolist(), strict=False):
             a, b = max(start, off), min(stop, off + rows)
@@ -219,8 +220,9 @@ def iter_rows(
     modules: Sequence[str] | None = None,
     dtype: torch.dtype = torch.float32,
     ring: int = 4,
+    span: tuple[int, int] | None = None,
 ) -> Iterator[Chunk]:
-    """``(start_row, rows [n, D_sel])`` over the whole store, in order.
+    """``(start_row, rows [n, D_sel])`` over the whole store (or rows ``span``), in order.
 
     Args:
         store: The gradient store.
@@ -228,6 +230,7 @@ def iter_rows(
         modules: Column blocks to keep (falls back to ``iter_chunks``).
         dtype: Dtype of the yielded rows.
         ring: Reused buffers; yielded tensors are overwritten ``ring - 1`` chunks later.
+        span: Rows ``(begin, end)`` to read instead of all (a rank's share of a store).
 
     Example:
         >>> import tempfile
@@ -239,11 +242,28 @@ def iter_rows(
         >>> [(s, c[:, 0].tolist()) for s, c in iter_rows(GradientStore.open(path), 3)]
         [(0, [0.0, 3.0, 6.0]), (3, [9.0, 12.0])]
     """
+    begin, end = _checked_span(span, len(store))
     layout = _raw_layout(store) if modules is None else None
     if layout is None:
-        yield from store.iter_chunks(chunk_rows, modules=modules, dtype=dtype)
+        cols = None if modules is None else store.columns(modules)
+        for start in range(begin, end, chunk_rows):
+            data = store.gradients.take(slice(start, min(start + chunk_rows, end)), cols)
+            yield start, torch.from_numpy(data).to(dtype)
         return
-    yield from _raw_chunks(store, layout, chunk_rows, dtype, ring)
+    yield from _raw_chunks(store, layout, chunk_rows, dtype, ring, (begin, end))
+
+
+def _checked_span(span: tuple[int, int] | None, rows: int) -> tuple[int, int]:
+    """``span`` as ``(begin, end)`` within the committed rows; all rows when ``None``."""
+    if span is None:
+        return 0, rows
+    begin, end = int(span[0]), int(span[1])
+    if not 0 <= begin <= end <= rows:
+        raise ValueError(
+            f"row span {span} is not within the store's {rows} committed rows; give "
+            f"0 <= begin <= end <= {rows}"
+        )
+    return begin, end
 
 
 def prefetch(items: Iterable[T], depth: int = 2) -> Iterator[T]:
@@ -315,6 +335,7 @@ class StoreScanner:
         modules: Keep only these blocks' columns (names, parents or globs).
         dtype: Dtype of the yielded rows.
         prefetch: Chunks read ahead on a background thread (0 reads in the caller's thread).
+        span: Stream rows ``(begin, end)`` only (one process's share of a store).
 
     Example:
         >>> import tempfile
@@ -338,6 +359,7 @@ class StoreScanner:
         modules: Sequence[str] | None = None,
         dtype: torch.dtype = torch.float32,
         prefetch: int = 2,
+        span: tuple[int, int] | None = None,
     ) -> None:
         if chunk_rows is not None and chunk_rows < 1:
             raise ValueError(f"chunk_rows must be >= 1; got {chunk_rows}")
@@ -349,16 +371,18 @@ class StoreScanner:
         if self.modules is not None:
             store.columns(self.modules)  # an unknown block is refused here, not mid-scan
         self.dtype, self.prefetch = dtype, prefetch
+        self.span = _checked_span(span, len(store))
 
     def __len__(self) -> int:
         """Number of chunks."""
-        return -(-len(self.store) // self.chunk_rows)
+        return -(-(self.span[1] - self.span[0]) // self.chunk_rows)
 
     def __iter__(self) -> Iterator[RowChunk]:
         ring = self.prefetch + 2  # one being read, `prefetch` queued, one being consumed
         chunks = iter_rows(
-            self.store, self.chunk_rows, modules=self.modules, dtype=self.dtype, ring=ring
-        )
+            self.store, self.chunk_rows, modules=self.modules, dtype=self.dtype, ring=ring,
+            span=self.span,
+        )  # fmt: skip
         ids = self.store.example_ids
         stream = prefetch(chunks, depth=self.prefetch) if self.prefetch else chunks
         for start, rows in stream:
