@@ -152,7 +152,8 @@ def score_with_lightning(
         modules: Score only these blocks.
         metadata: JSON entries saved with the array.
         chunk_cols: Columns per score chunk, the unit of work of a rank (default: about
-            4 MiB of scores, a multiple of the attributor's scan chunk).
+            4 MiB of scores, a multiple of the attributor's scan chunk, and small enough
+            that every rank gets a chunk).
         overwrite: Replace an existing array at ``path``.
         storage_options: Options of the fsspec filesystem when ``path`` is a URL.
         trainer: Runs the loop (``devices``, ``num_nodes``, ``strategy="ddp"``); default a
@@ -167,28 +168,42 @@ def score_with_lightning(
             f"example_reduce={attributor.example_reduce!r} needs every row of an example in "
             "one process; score rows here (example_reduce='none') or use write_score_array"
         )
+    trainer = trainer or _default_trainer()
+    if trainer._accelerator_connector.use_distributed_sampler:
+        raise ValueError("score_with_lightning needs Trainer(use_distributed_sampler=False)")
     q = attributor.encoder.rows(queries)
     out_q = q.shape[0] if query_reduce == "none" else 1
-    scan = attributor.chunk_rows
-    cols = chunk_cols or scan * max(1, 2**22 // (4 * out_q * scan))
+    n = len(attributor.store)
+    world = trainer.world_size
+    cols = (
+        _default_chunk_cols(attributor.chunk_rows, out_q, n, world)
+        if chunk_cols is None
+        else chunk_cols
+    )
     if cols < 1:
         raise ValueError(f"chunk_cols must be >= 1; got {chunk_cols}")
-    meta = {"unit_norm": attributor.unit_norm, "modules": list(modules) if modules else None}
+    meta = {
+        "unit_norm": attributor.unit_norm,
+        "query_mix": attributor.query_mix,
+        "modules": list(modules) if modules else None,
+    }  # as write_score_array's
     header = score_header(attributor, query_reduce=query_reduce, metadata=meta | (metadata or {}))
     out = Location.of(path, storage_options)
     if out.exists() and not overwrite:  # asked on every rank before any creates the array
         raise FileExistsError(f"{out} exists; pass overwrite=True or choose another path")
-    n = len(attributor.store)
     plan = _Plan(
         attributor, out, header, out_q, max(1, min(cols, n)), query_reduce, modules,
         min(int(k or 0), n), overwrite,
     )  # fmt: skip
-    trainer = trainer or _default_trainer()
-    if trainer._accelerator_connector.use_distributed_sampler:
-        raise ValueError("score_with_lightning needs Trainer(use_distributed_sampler=False)")
     module = _ScoreChunks(attributor, q, plan)
     trainer.predict(module, return_predictions=False)
     return LightningScores(out.path, _merged_top(module, trainer, attributor) if plan.k else None)
+
+
+def _default_chunk_cols(scan: int, num_queries: int, rows: int, world: int) -> int:
+    """About 4 MiB of scores, a multiple of the scan chunk, and at least one per rank."""
+    cols = scan * max(1, 2**22 // (4 * num_queries * scan))
+    return max(1, min(cols, -(-rows // world)))
 
 
 def _default_trainer() -> L.Trainer:

@@ -16,16 +16,19 @@ corpus, the facts; or a Hugging Face model (then pass ``--tokenizer`` and ``--te
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import lightning.pytorch as L
 import torch
 from jsonargparse import ActionConfigFile, ArgumentParser
 from torch import Tensor
 
 from ..attribution.attributor import Attributor
 from ..attribution.queries import query_batch
+from ..attribution.score_loop import score_with_lightning
 from ..attribution.score_writer import score_header, write_score_array
 from ..data import load_text_data
 from ..networks import load_model
@@ -244,6 +247,10 @@ def score(
     query_reduce: Literal["none", "mean", "max"] = "none",
     overwrite: bool = False,
     storage_options: dict[str, Any] | None = None,
+    devices: int = 1,
+    num_nodes: int = 1,
+    strategy: str = "auto",
+    accelerator: str = "cpu",
 ) -> None:
     """Score queries against every stored row into a Zarr score array (``ScoreArray``).
 
@@ -258,8 +265,18 @@ def score(
         overwrite: Replace an existing ``out``.
         storage_options: JSON options of the filesystem of the URLs ``store`` and ``out``
             (``endpoint_url``, ...); default: the usual environment variables.
+        devices: Processes per node: more than one (or ``num_nodes`` > 1, or a
+            ``strategy``) scores as a Lightning loop, each rank scoring and writing its own
+            whole chunks of the array (needs ``--example_reduce none``).
+        num_nodes: Machines (Lightning's launchers: ``NODE_RANK``, ``MASTER_ADDR``, ...).
+        strategy: Lightning strategy of the loop (``ddp``).
+        accelerator: Lightning accelerator of the loop (``cpu``, ``gpu``).
     """
     queries, scoring = queries or QueryOptions(), scoring or ScoringOptions()
+    loop = {"devices": devices, "num_nodes": num_nodes, "strategy": strategy}
+    if loop != {"devices": 1, "num_nodes": 1, "strategy": "auto"}:
+        loop["accelerator"] = accelerator
+        scoring = dataclasses.replace(scoring, device=_rank_device(scoring.device))
     ctx = _context(model, queries)
     attr = _attributor(store, scoring, storage_options)
     meta = {
@@ -269,11 +286,30 @@ def score(
         "data": ctx.data,
     }
     q = _query_rows(attr, ctx)
-    path = write_score_array(
-        attr, q, out, query_reduce=query_reduce, modules=scoring.modules, metadata=meta,
-        overwrite=overwrite, storage_options=storage_options,
-    )  # fmt: skip
+    if "accelerator" in loop:
+        trainer = L.Trainer(
+            **loop, logger=False, enable_progress_bar=False, enable_model_summary=False,
+            use_distributed_sampler=False,
+        )  # fmt: skip
+        path = score_with_lightning(
+            attr, q, out, query_reduce=query_reduce, modules=scoring.modules, metadata=meta,
+            overwrite=overwrite, storage_options=storage_options, trainer=trainer,
+        ).path  # fmt: skip
+        if trainer.global_rank:
+            return
+    else:
+        path = write_score_array(
+            attr, q, out, query_reduce=query_reduce, modules=scoring.modules, metadata=meta,
+            overwrite=overwrite, storage_options=storage_options,
+        )  # fmt: skip
     print(f"scores [{len(q) if query_reduce == 'none' else 1}, ...] written to {path}")
+
+
+def _rank_device(device: str) -> str:
+    """``cuda`` as this process's own GPU (``LOCAL_RANK``) under a multi-process loop."""
+    if device == "cuda":
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    return device
 
 
 # ---------------------------------------------------------------------------- parsing
