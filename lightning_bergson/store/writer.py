@@ -269,6 +269,7 @@ class GradientStoreWriter:
             compressors=(Crc32cCodec(),),
             fill_value=fill,
             config={"write_empty_chunks": True},
+            dimension_names=("row", "column")[: len(shape)],  # what xarray.open_zarr reads
         )
 
     def _start(self, background: bool) -> None:
