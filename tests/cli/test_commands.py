@@ -91,6 +91,7 @@ def test_attribute_and_score_share_their_options_and_defaults():
     from lightning_bergson.cli.attribute import _parser, attribute, score
 
     own = {"out", "top_k", "bottom", "report", "query_reduce", "overwrite", "config"}
+    own |= {"devices", "num_nodes", "strategy", "accelerator"}  # score's Lightning loop
     parsed = []
     for command, extra in ((attribute, []), (score, ["--out", "o"])):
         args = ["--store", "s", "--model", "m", *extra, "--fact", "all"]
