@@ -21,14 +21,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import lightning.pytorch as L
 import torch
 from jsonargparse import ActionConfigFile, ArgumentParser
 from torch import Tensor
 
 from ..attribution.attributor import Attributor
 from ..attribution.queries import query_batch
-from ..attribution.score_loop import score_with_lightning
 from ..attribution.score_writer import score_header, write_score_array
 from ..data import load_text_data
 from ..networks import load_model
@@ -287,6 +285,10 @@ def score(
     }
     q = _query_rows(attr, ctx)
     if "accelerator" in loop:
+        import lightning.pytorch as L  # only here: the command's help stays light
+
+        from ..attribution.score_loop import score_with_lightning
+
         trainer = L.Trainer(
             **loop, logger=False, enable_progress_bar=False, enable_model_summary=False,
             use_distributed_sampler=False,

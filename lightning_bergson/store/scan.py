@@ -1,4 +1,4 @@
-"""Scan a store: stream every committed row in order, in chunks, with its example id.
+r"""Scan a store: stream every committed row in order, in chunks, with its example id.
 
 :class:`StoreScanner` is the public way to read a whole store for scoring: it yields
 :class:`RowChunk`\ s (start row, rows ``[n, D_sel]``, example ids ``[n]``) read ahead on a
