@@ -10,6 +10,7 @@ launcher starts them: ``NODE_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``, ``WORLD_S
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -21,7 +22,7 @@ import torch
 from safetensors.torch import load, load_file
 
 from lightning_bergson import GradientStore
-from lightning_bergson.store import verify_store
+from lightning_bergson.store import IncompleteStoreWarning, verify_store
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "capture_run.py"
 COMMON = ["--num", "16", "--epochs", "2", "--chunk-rows", "4"]
@@ -84,3 +85,25 @@ def test_two_nodes_into_s3_equal_one_process(tmp_path, bucket, single):
     for name, value in ref.items():
         torch.testing.assert_close(saved[name], value, rtol=1e-5, atol=1e-12)
     np.testing.assert_array_equal(np.sort(store.example_ids), np.sort(single.example_ids))
+
+
+def test_a_dead_node_leaves_committed_rows_readable(tmp_path, bucket, single):
+    """Node 1 is SIGKILLed mid-epoch (node 0 is then killed too, as a job scheduler would):
+    the store is incomplete, intact, and every committed row equals the reference row."""
+    url, port = f"{bucket}/dead/grads.zarr", _free_port()
+    args = ["--store", url, "--num-nodes", "2", "--devices", "1", "--batch-size", "2"]
+    args += ["--strategy", "ddp", "--chunk-rows", "2"]
+    alive = _node(tmp_path, 0, port, *args)
+    dying = _node(tmp_path, 1, port, *args, "--kill-batch", "6", "--kill-when", "end")
+    dying.communicate(timeout=300)
+    assert dying.returncode == -signal.SIGKILL
+    alive.send_signal(signal.SIGKILL)
+    alive.communicate(timeout=60)
+    with pytest.warns(IncompleteStoreWarning):
+        store = GradientStore.open(url)
+    assert not store.complete and verify_store(url, progress=False).ok
+    assert 0 < len(store) < len(single) and 1 in store.ranks.tolist()
+    got, want = _rows(store), _rows(single)
+    assert set(got) <= set(want)
+    for key, row in got.items():
+        assert ((row - want[key]).norm() / want[key].norm()).item() <= 1e-5, key
