@@ -38,6 +38,7 @@ from .capture.scaling import BATCH_REDUCTIONS
 from .capture.settings import CaptureSettings
 from .capture_store import CaptureStore
 from .store import GradientStoreWriter
+from .store.location import is_url
 from .strategy import BergsonStrategyMixin as _registers_strategy_names  # noqa: F401
 from .training_step import capture_example_loss, observe_training_step, unobserve_training_step
 
@@ -68,7 +69,8 @@ class GradientCaptureCallback(Callback):
     of any type, the Bergson strategies (``strategy="bergson"``) stamp it from the sampler.
 
     Args:
-        path: Directory of the Zarr gradient store (``*.zarr``).
+        path: Directory of the Zarr gradient store (``*.zarr``), or its URL on object
+            storage (``s3://bucket/run.zarr``; every rank of every node writes there).
         projection_dim: Rows and columns ``p`` of each block's projection (``p*p``
             numbers per block); 0 stores exact gradients.
         seed: Projection seed; a query must use the same one (recorded in the store).
@@ -108,6 +110,10 @@ class GradientCaptureCallback(Callback):
             ``"raise"`` stops the fit at the first one (:class:`NonFiniteGradientError`
             naming the ids and the step); ``"skip"`` stores no row for it and records
             ``(example_id, step, epoch)`` in the store (``GradientStore.skipped``).
+        storage_options: Options of the URL's fsspec filesystem (``endpoint_url``,
+            credentials, ...); without them the usual environment variables apply
+            (``AWS_ACCESS_KEY_ID``, ``AWS_ENDPOINT_URL``, ...), which keeps secrets out of
+            saved hyperparameters and configs.
 
     Example:
         >>> cb = GradientCaptureCallback("runs/demo/grads.zarr", projection_dim=16,
@@ -139,6 +145,7 @@ class GradientCaptureCallback(Callback):
         example_id_key: str = EXAMPLE_ID,
         labels_key: str = "labels",
         on_nonfinite: Literal["warn", "raise", "skip"] = "warn",
+        storage_options: dict[str, Any] | None = None,
     ) -> None:
         _check_choice("normalizer", normalizer, ("none", "adafactor", "adam"))
         _check_choice("on_nonfinite", on_nonfinite, ("warn", "raise", "skip"))
@@ -150,7 +157,8 @@ class GradientCaptureCallback(Callback):
             raise ValueError(f"projection_dim must be >= 0 (0 = exact), got {projection_dim}")
         if normalizer != "none" and normalizer_source == "file" and not normalizer_path:
             raise ValueError("normalizer_source='file' needs normalizer_path=<file.safetensors>")
-        self.path = Path(path)
+        self.path = path if is_url(path) else Path(path)
+        self.storage_options = dict(storage_options or {})
         self.projection_dim = projection_dim
         self.seed = seed
         self.normalizer = normalizer
@@ -174,7 +182,7 @@ class GradientCaptureCallback(Callback):
         self.collector: GradientCollector | None = None
         self.observer: ScaleObserver | None = None
         self.rows: RowAssembler | None = None
-        self.store = CaptureStore(self.path)
+        self.store = CaptureStore(self.path, storage_options=self.storage_options)
         self.nonfinite = NonFinitePolicy(on_nonfinite, self.path)
         self._step_owner: L.LightningModule | None = None
         self._batch: BatchInfo | None = None

@@ -11,7 +11,6 @@ incomplete.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as L
@@ -25,6 +24,7 @@ from .capture.normalizers import Normalizer, save_normalizers
 from .capture.rows import BatchInfo, BatchRows
 from .capture.settings import CaptureSettings
 from .store import GradientStoreWriter, layout_blocks
+from .store.location import Location, StorePath
 
 __all__ = ["CaptureStore", "expected_rows"]
 
@@ -33,11 +33,13 @@ class CaptureStore:
     """Open, append to, checkpoint and close one callback's store on every rank.
 
     Args:
-        path: Directory of the Zarr gradient store.
+        path: Directory of the Zarr gradient store, or its URL (``s3://bucket/run.zarr``).
+        storage_options: Options of a URL's fsspec filesystem.
     """
 
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
+    def __init__(self, path: StorePath, storage_options: dict[str, Any] | None = None) -> None:
+        self.location = Location.of(path, storage_options)
+        self.path = self.location.path  # a Path for local stores, the Location of a remote one
         self.writer: GradientStoreWriter | None = None
         self.resume_rows: dict[int, int] | None = None  # from a checkpoint: rank -> rows
 
@@ -90,10 +92,10 @@ class CaptureStore:
                 )
             self.check_resumable(network, blocks, settings)
             return GradientStoreWriter.reopen(
-                self.path, rank=rank, committed_rows=self.resume_rows[rank]
+                self.location, rank=rank, committed_rows=self.resume_rows[rank]
             )
         return GradientStoreWriter(
-            self.path,
+            self.location,
             modules=layout_blocks([(b.name, b.shape, b.parent, b.head) for b in blocks]),
             rank=rank,
             world_size=trainer.world_size,
@@ -108,7 +110,7 @@ class CaptureStore:
         """Refuse to append to a store whose model or capture settings differ from this run's."""
         from .store.schema import _open_root_attrs
 
-        stored = _open_root_attrs(self.path)
+        stored = _open_root_attrs(self.location)
         theirs = CaptureSettings.from_attrs(stored)
         if theirs != settings:
             raise ValueError(
@@ -156,15 +158,15 @@ class CaptureStore:
             return
         # Normalizers first: a store flagged complete has everything a query needs.
         if normalizers is not None and trainer.is_global_zero:
-            out = self.path / "normalizers"
-            out.mkdir(parents=True, exist_ok=True)
-            save_normalizers(out / "normalizers.safetensors", normalizers)
+            with (self.location / "normalizers" / "normalizers.safetensors").writing() as out:
+                save_normalizers(out, normalizers)
         self.writer.close(complete=True)
         if trainer.is_global_zero:
+            options = ", storage_options=..." if self.location.storage_options else ""
             rank_zero_info(
-                f"Gradient store: {self.path.resolve()} ({self.writer.committed_rows} rows on "
-                f"rank 0; open it with lightning_bergson.GradientStore.open("
-                f"{str(self.path)!r}))"
+                f"Gradient store: {self.location.resolve()} ({self.writer.committed_rows} rows "
+                f"on rank 0; open it with lightning_bergson.GradientStore.open("
+                f"{str(self.location)!r}{options}))"
             )
         self.writer = None
 
@@ -182,7 +184,7 @@ class CaptureStore:
         if trainer is not None and trainer.world_size > 1:
             rows = trainer.strategy.all_gather(rows).reshape(-1).cpu()
         committed = {str(rank): int(n) for rank, n in enumerate(rows)}
-        return {"path": str(self.path), "committed_rows": committed}
+        return {"path": str(self.location), "committed_rows": committed}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Resume at the rows a checkpoint's :meth:`state_dict` recorded."""

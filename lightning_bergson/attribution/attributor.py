@@ -57,7 +57,8 @@ class Attributor:
     from the store's is refused (:class:`~lightning_bergson.attribution.StoreMismatchError`).
 
     Args:
-        store: Path of a gradient store (or an open :class:`GradientStore`).
+        store: Path or URL (``s3://bucket/run.zarr``) of a gradient store, or an open
+            :class:`GradientStore`.
         device: Where scores are computed.
         dtype: Scoring dtype (``torch.float64`` for exact comparisons).
         unit_norm: Cosine similarity instead of inner products.
@@ -84,6 +85,8 @@ class Attributor:
             ``"strict"`` (class, parameter shapes and config, except entries that cannot
             change a gradient in eval mode such as dropout), ``"shapes"`` (class and
             parameter shapes) or ``"off"``.
+        storage_options: Options of the store URL's fsspec filesystem (credentials,
+            ``endpoint_url``); default: the usual environment variables.
 
     Example:
         >>> import tempfile
@@ -112,6 +115,7 @@ class Attributor:
         normalizers: str | Path | None = None,
         faiss: str | None = None,
         check_model: Literal["strict", "shapes", "off"] = "strict",
+        storage_options: dict[str, Any] | None = None,
     ) -> None:
         if example_reduce not in ("none", "sum", "mean", "max"):
             raise ValueError(
@@ -119,7 +123,10 @@ class Attributor:
             )
         if not 0.0 <= query_mix <= 1.0:
             raise ValueError(f"query_mix must be in [0, 1], got {query_mix}")
-        self.store = store if isinstance(store, GradientStore) else GradientStore.open(store)
+        if isinstance(store, GradientStore):
+            self.store = store
+        else:
+            self.store = GradientStore.open(store, storage_options=storage_options)
         self.encoder = QueryEncoder(self.store, check_model=check_model, normalizers=normalizers)
         self.check_model, self.settings = check_model, self.encoder.settings
         self.scorer = StreamingScorer(
@@ -268,9 +275,14 @@ class Attributor:
         return full, self.store.example_ids.copy()
 
     def iter_scores(
-        self, queries: Queries, *, modules: Sequence[str] | None = None
+        self,
+        queries: Queries,
+        *,
+        modules: Sequence[str] | None = None,
+        span: tuple[int, int] | None = None,
     ) -> Iterator[ScoreChunk]:
-        """Scores ``[Q, n]`` of every store row, one chunk at a time, in store order.
+        """Scores ``[Q, n]`` of every store row (or of rows ``span = (begin, end)``, one
+        process's share), one chunk at a time, in store order.
 
         Each :class:`~.streaming.ScoreChunk` holds ``start`` (its first store row), ``scores``
         and the rows' ``example_ids``; rows are never reduced per example here (whatever
@@ -291,7 +303,7 @@ class Attributor:
         """
         q, blocks, pre = self._prepare(queries, modules)
         cache = pre is not None and pre is self.preconditioner
-        yield from self.scorer.iter_scores(q, blocks, pre, cache_norms=cache)
+        yield from self.scorer.iter_scores(q, blocks, pre, cache_norms=cache, span=span)
 
     # ------------------------------------------------------------------ per token
 

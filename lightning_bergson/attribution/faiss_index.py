@@ -12,7 +12,6 @@ Uses only faiss-cpu APIs (Bergson's FAISS path assumes faiss-gpu).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ import torch
 from torch import Tensor
 
 from ..store import GradientStore, StoreScanner
+from ..store.location import Location, StorePath
 from .preconditioners import SecondMomentPreconditioner
 from .scoring import unit_rows
 
@@ -120,27 +120,28 @@ class FaissIndex:
         return index
 
     @staticmethod
-    def path_for(store: GradientStore, info: dict[str, Any]) -> Path:
+    def path_for(store: GradientStore, info: dict[str, Any]) -> Location:
         """``<store>/faiss/<factory>_<ip|cos>[_pre].index``."""
         name = info["factory"].replace(",", "_").replace("/", "_")
         name += "_cos" if info["unit_norm"] else "_ip"
         name += "_pre" if info["preconditioned"] else ""
-        return store.path / "faiss" / f"{name}.index"
+        return store.aux("faiss") / f"{name}.index"
 
-    def save(self, path: str | Path) -> Path:
-        """Write the index and its JSON description (``.json`` beside it)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _faiss().write_index(self.index, str(path))
-        path.with_suffix(".json").write_text(json.dumps(self.info))
-        return path
+    def save(self, path: StorePath) -> Path | Location:
+        """Write the index and its JSON description (``.json`` beside it; local or a URL)."""
+        where = Location.of(path)
+        with where.writing() as local:
+            _faiss().write_index(self.index, str(local))
+        _describing(where).write_json(self.info)
+        return where.path
 
     @classmethod
-    def load(cls, path: str | Path) -> FaissIndex:
+    def load(cls, path: StorePath) -> FaissIndex:
         """Read an index written by :meth:`save`."""
-        path = Path(path)
-        info = json.loads(path.with_suffix(".json").read_text())
-        return cls(_faiss().read_index(str(path)), info)
+        where = Location.of(path)
+        info = _describing(where).read_json()
+        with where.reading() as local:
+            return cls(_faiss().read_index(str(local)), info)
 
     def matches(self, info: dict[str, Any]) -> bool:
         """Whether this index was built from the same rows with the same transformation."""
@@ -174,3 +175,8 @@ def _describe(
         "store_rows": len(store),
         "dim": store.dim,
     }
+
+
+def _describing(index: Location) -> Location:
+    """The JSON description saved beside an index (``<name>.json``)."""
+    return index.parent / (index.name.rsplit(".", 1)[0] + ".json")

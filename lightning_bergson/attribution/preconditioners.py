@@ -39,6 +39,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from ..store import GradientStore, ModuleBlock, StoreScanner
+from ..store.location import Location, StorePath
 from .store_match import StoreMismatchError
 
 __all__ = [
@@ -223,9 +224,10 @@ class SecondMomentPreconditioner:
             out[:, lo:hi] = x[:, lo:hi] @ mat  # (n, d)
         return out
 
-    def save(self, path: str | Path) -> Path:
-        """Write every block's eigendecomposition (float64) to one safetensors file."""
-        path = Path(path)
+    def save(self, path: StorePath) -> Path | Location:
+        """Write every block's eigendecomposition (float64) to one safetensors file (a local
+        path or a URL: one PUT of the whole file)."""
+        where = Location.of(path)
         tensors = {}
         for b in self.blocks:
             evals, evecs = self.eigen(b.name)
@@ -237,13 +239,14 @@ class SecondMomentPreconditioner:
             "blocks": json.dumps([b.to_json() for b in self.blocks]),
             "info": json.dumps(self.info),
         }
-        save_file(tensors, str(path), metadata=meta)
-        return path
+        with where.writing() as local:
+            save_file(tensors, str(local), metadata=meta)
+        return where.path
 
     @classmethod
-    def load(cls, path: str | Path, *, damping: float = 0.1) -> SecondMomentPreconditioner:
-        """Read a file written by :meth:`save` (no pickle involved)."""
-        with safe_open(str(path), framework="pt") as f:
+    def load(cls, path: StorePath, *, damping: float = 0.1) -> SecondMomentPreconditioner:
+        """Read a file written by :meth:`save` (no pickle involved; local or a URL)."""
+        with Location.of(path).reading() as local, safe_open(str(local), framework="pt") as f:
             meta = f.metadata() or {}
             if meta.get("format") != FORMAT:
                 raise ValueError(f"{path} is not a lightning_bergson preconditioner file")
@@ -299,14 +302,14 @@ class SecondMomentPreconditioner:
                     "preconditioner='fit'"
                 )
             return pre
-        path = store.path / "preconditioners" / FILE_NAME
+        path = store.aux("preconditioners") / FILE_NAME
         if path.is_file():
             pre = cls.load(path, damping=damping)
             if pre.matches(store.modules, info):
                 return pre
         chunks = (c.rows for c in StoreScanner(store, chunk_rows=chunk_rows, dtype=dtype))
         pre = cls.fit(chunks, store.modules, damping=damping, info=info)
-        pre.save(store.subdir("preconditioners") / FILE_NAME)
+        pre.save(path)
         return pre
 
 

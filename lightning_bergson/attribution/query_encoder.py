@@ -107,7 +107,7 @@ class QueryEncoder:
             network, **self.settings.collector_kwargs(parents), closure=closure
         )
         check_blocks(self.store.modules, collector.blocks)
-        norms = store_normalizers(self.store.path, self.settings, self.normalizers)
+        norms = store_normalizers(self.store.location, self.settings, self.normalizers)
         collector.set_normalizers(norms)
         return collector
 

@@ -15,6 +15,7 @@ from typing import Any, Literal
 from torch import Tensor
 
 from ..scores import ScoreArrayWriter, ScoreHeader, ScoreSettings
+from ..store.location import Location, StorePath
 from .attributor import Attributor, Queries
 
 __all__ = ["QueryReduce", "reduce_queries", "score_header", "write_score_array"]
@@ -62,7 +63,7 @@ def _settings(attributor: Attributor, query_reduce: QueryReduce) -> ScoreSetting
         described += f", query_mix {attributor.query_mix:g})" if attributor.query_mix else ")"
     rows = attributor.example_reduce == "none"
     return ScoreSettings(
-        store=str(attributor.store.path),
+        store=str(attributor.store.location),
         preconditioner=described,
         columns="rows" if rows else "examples",
         example_reduce=None if rows else attributor.example_reduce,
@@ -73,13 +74,14 @@ def _settings(attributor: Attributor, query_reduce: QueryReduce) -> ScoreSetting
 def write_score_array(
     attributor: Attributor,
     queries: Queries,
-    path: str | Path,
+    path: StorePath,
     *,
     query_reduce: QueryReduce = "none",
     modules: Sequence[str] | None = None,
     metadata: dict[str, Any] | None = None,
     overwrite: bool = False,
-) -> Path:
+    storage_options: dict[str, Any] | None = None,
+) -> Path | Location:
     """Score ``queries`` against every row (or example) of the attributor's store.
 
     Args:
@@ -91,13 +93,14 @@ def write_score_array(
         modules: Score only these blocks.
         metadata: JSON entries saved with the array (e.g. query texts, ``relevant`` ids).
         overwrite: Replace an existing array at ``path``.
+        storage_options: Options of the fsspec filesystem when ``path`` is a URL.
 
     Returns:
         ``path``; read it with ``ScoreArray.open`` (``convention="influence"``; its
         ``settings`` name the store, the preconditioner and whether columns are stored
         rows, with their ``epochs`` and ``steps``, or examples).
     """
-    path = Path(path)
+    path = Location.of(path, storage_options)
     num_q = attributor.encoder.rows(queries).shape[0]
     out_q = num_q if query_reduce == "none" else 1
     meta = {
@@ -113,7 +116,7 @@ def write_score_array(
             path, header, num_queries=out_q, example_ids=ids, overwrite=overwrite
         ) as writer:
             writer.add(reduce_queries(scores, query_reduce))
-        return path
+        return path.path
     store = attributor.store
     scan = attributor.chunk_rows
     cols = scan * max(1, 2**22 // (4 * out_q * scan))  # about 4 MiB per score chunk
@@ -123,4 +126,4 @@ def write_score_array(
     ) as writer:  # fmt: skip
         for chunk in attributor.iter_scores(queries, modules=modules):
             writer.add(reduce_queries(chunk.scores, query_reduce).float().cpu())  # (Q', n)
-    return path
+    return path.path

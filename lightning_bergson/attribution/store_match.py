@@ -24,6 +24,7 @@ from ..capture.normalizers import Normalizer, convert, load_normalizers
 from ..capture.settings import CaptureSettings, SettingsError
 from ..networks import unwrap_network
 from ..store import ModuleBlock
+from ..store.location import Location, StorePath
 
 __all__ = [
     "CaptureSettings",
@@ -199,7 +200,7 @@ def check_blocks(stored: Sequence[ModuleBlock], blocks: Sequence[Block]) -> None
 
 
 def store_normalizers(
-    store_path: str | Path, settings: CaptureSettings, path: str | Path | None = None
+    store_path: StorePath, settings: CaptureSettings, path: StorePath | None = None
 ) -> dict[str, Normalizer]:
     """Normalizers for query rows: the ones the store's last rows were normalized with.
 
@@ -212,14 +213,15 @@ def store_normalizers(
     """
     if settings.normalizer == "none":
         return {}
-    candidates = [path, Path(store_path) / "normalizers" / "normalizers.safetensors"]
-    candidates.append(settings.normalizer_path)
-    found = next((Path(c) for c in candidates if c is not None and Path(c).is_file()), None)
+    saved = Location.of(store_path) / "normalizers" / "normalizers.safetensors"
+    candidates = [path, saved, settings.normalizer_path]
+    found = next((Location.of(c) for c in candidates if c and Location.of(c).is_file()), None)
     if found is None:
         raise StoreMismatchError(
             f"the store at {store_path} is normalized ({settings.normalizer!r}, source "
-            f"{settings.normalizer_source!r}) but no normalizers were found at "
-            f"{Path(store_path) / 'normalizers' / 'normalizers.safetensors'}; pass "
+            f"{settings.normalizer_source!r}) but no normalizers were found at {saved}; pass "
             "normalizers=<file.safetensors> (the file the store was captured with)"
         )
-    return {k: convert(n, settings.normalizer) for k, n in load_normalizers(found).items()}  # type: ignore[arg-type]
+    with found.reading() as local:
+        loaded = load_normalizers(local)
+    return {k: convert(n, settings.normalizer) for k, n in loaded.items()}  # type: ignore[arg-type]

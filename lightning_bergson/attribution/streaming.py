@@ -111,6 +111,7 @@ class StreamingScorer:
         pre: SecondMomentPreconditioner | None,
         *,
         cache_norms: bool = False,
+        span: tuple[int, int] | None = None,
     ) -> Iterator[ScoreChunk]:
         """Scores of processed queries ``q`` ``[Q, D_sel]`` (:meth:`process`), chunk by chunk.
 
@@ -121,16 +122,18 @@ class StreamingScorer:
                 the rows too).
             cache_norms: Keep the rows' ``|H^-1/2 g|`` of a complete scan for later scans
                 with this same ``pre`` (a preconditioner that lives as long as the scorer).
+            span: Score store rows ``(begin, end)`` only (chunk starts stay store rows).
         """
         two_sided = pre is not None and self.unit_norm
         key = (tuple(b.name for b in blocks), id(pre))
         cached = self._row_norms.get(key) if two_sided else None
+        cache_norms = cache_norms and span is None  # only a whole scan fills the cache
         if cached is not None:
             q = pre.apply(q.to(torch.float64), -0.5, blocks).to(self.dtype)  # type: ignore[union-attr]
         norms: list[Tensor] = []
         names = None if len(blocks) == len(self.store.modules) else [b.name for b in blocks]
         scanner = StoreScanner(
-            self.store, chunk_rows=self.chunk_rows, modules=names, dtype=self.dtype
+            self.store, chunk_rows=self.chunk_rows, modules=names, dtype=self.dtype, span=span
         )
         for start, chunk, ids in scanner:
             rows = chunk.to(self.device, non_blocking=True)  # (n, D_sel)

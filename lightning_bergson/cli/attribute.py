@@ -16,6 +16,7 @@ corpus, the facts; or a Hugging Face model (then pass ``--tokenizer`` and ``--te
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -156,10 +157,13 @@ def _query_rows(attr: Attributor, ctx: _Context) -> Tensor:
     return torch.cat(rows)  # (Q, D)
 
 
-def _attributor(store: str, opts: ScoringOptions) -> Attributor:
+def _attributor(
+    store: str, opts: ScoringOptions, storage_options: dict[str, Any] | None = None
+) -> Attributor:
     """The Attributor both commands build; ``preconditioner="none"`` turns it off."""
     return Attributor(
         store,
+        storage_options=storage_options,
         device=opts.device,
         unit_norm=opts.unit_norm,
         preconditioner=None if opts.preconditioner == "none" else opts.preconditioner,
@@ -191,6 +195,7 @@ def attribute(
     report: str | None = None,
     tokens: bool = False,
     span_tokens: int = 8,
+    storage_options: dict[str, Any] | None = None,
 ) -> None:
     """Print the training texts whose gradients best match each query's (and optionally worst).
 
@@ -206,10 +211,12 @@ def attribute(
             document's score, the ``span_tokens`` consecutive tokens with the largest share
             highlighted, and the query's tokens' shares (:mod:`lightning_bergson.cli.tokens`).
         span_tokens: Tokens in a highlighted span.
+        storage_options: JSON options of the store URL's filesystem (``endpoint_url``,
+            ...); default: the usual environment variables (``AWS_ACCESS_KEY_ID``, ...).
     """
     queries, scoring = queries or QueryOptions(), scoring or ScoringOptions()
     ctx = _context(model, queries)
-    attr = _attributor(store, scoring)
+    attr = _attributor(store, scoring, storage_options)
     q = _query_rows(attr, ctx)
     shown = ctx.texts if ctx.texts is not None else {}
     labels = _labels(ctx)
@@ -248,6 +255,11 @@ def score(
     *,
     query_reduce: Literal["none", "mean", "max"] = "none",
     overwrite: bool = False,
+    storage_options: dict[str, Any] | None = None,
+    devices: int = 1,
+    num_nodes: int = 1,
+    strategy: str = "auto",
+    accelerator: str = "cpu",
 ) -> None:
     """Score queries against every stored row into a Zarr score array (``ScoreArray``).
 
@@ -260,10 +272,22 @@ def score(
         query_reduce: ``mean``/``max`` over queries gives one score per training example
             (LESS-style data selection); ``none`` keeps ``[Q, N]``.
         overwrite: Replace an existing ``out``.
+        storage_options: JSON options of the filesystem of the URLs ``store`` and ``out``
+            (``endpoint_url``, ...); default: the usual environment variables.
+        devices: Processes per node: more than one (or ``num_nodes`` > 1, or a
+            ``strategy``) scores as a Lightning loop, each rank scoring and writing its own
+            whole chunks of the array (needs ``--example_reduce none``).
+        num_nodes: Machines (Lightning's launchers: ``NODE_RANK``, ``MASTER_ADDR``, ...).
+        strategy: Lightning strategy of the loop (``ddp``).
+        accelerator: Lightning accelerator of the loop (``cpu``, ``gpu``).
     """
     queries, scoring = queries or QueryOptions(), scoring or ScoringOptions()
+    loop = {"devices": devices, "num_nodes": num_nodes, "strategy": strategy}
+    if loop != {"devices": 1, "num_nodes": 1, "strategy": "auto"}:
+        loop["accelerator"] = accelerator
+        scoring = dataclasses.replace(scoring, device=_rank_device(scoring.device))
     ctx = _context(model, queries)
-    attr = _attributor(store, scoring)
+    attr = _attributor(store, scoring, storage_options)
     meta = {
         "queries": _labels(ctx),
         "relevant": [sorted(r) for r in ctx.relevant],
@@ -271,11 +295,34 @@ def score(
         "data": ctx.data,
     }
     q = _query_rows(attr, ctx)
-    path = write_score_array(
-        attr, q, out, query_reduce=query_reduce, modules=scoring.modules, metadata=meta,
-        overwrite=overwrite,
-    )  # fmt: skip
+    if "accelerator" in loop:
+        import lightning.pytorch as L  # only here: the command's help stays light
+
+        from ..attribution.score_loop import score_with_lightning
+
+        trainer = L.Trainer(
+            **loop, logger=False, enable_progress_bar=False, enable_model_summary=False,
+            use_distributed_sampler=False,
+        )  # fmt: skip
+        path = score_with_lightning(
+            attr, q, out, query_reduce=query_reduce, modules=scoring.modules, metadata=meta,
+            overwrite=overwrite, storage_options=storage_options, trainer=trainer,
+        ).path  # fmt: skip
+        if trainer.global_rank:
+            return
+    else:
+        path = write_score_array(
+            attr, q, out, query_reduce=query_reduce, modules=scoring.modules, metadata=meta,
+            overwrite=overwrite, storage_options=storage_options,
+        )  # fmt: skip
     print(f"scores [{len(q) if query_reduce == 'none' else 1}, ...] written to {path}")
+
+
+def _rank_device(device: str) -> str:
+    """``cuda`` as this process's own GPU (``LOCAL_RANK``) under a multi-process loop."""
+    if device == "cuda":
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    return device
 
 
 # ---------------------------------------------------------------------------- parsing

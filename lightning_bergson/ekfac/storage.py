@@ -14,7 +14,9 @@ Layout of ``factors_dir`` (no pickle: tensors are safetensors, metadata JSON)::
 
 Covariances and Lambda are stored normalized (``A = sum a a^T / tokens``, ``Lambda = mean``);
 ``counts.json`` gives the divisors. Rank ``r`` writes the modules it owns (``config.json``
-``modules[name]["shard"]``); readers merge all shards.
+``modules[name]["shard"]``); readers merge all shards. ``factors_dir`` may be a URL
+(``s3://bucket/ekfac``, with ``storage_options``): every file is written whole, atomically
+(locally a temporary file renamed into place, on object storage one PUT).
 
 Example:
     >>> import tempfile
@@ -26,15 +28,17 @@ Example:
 
 from __future__ import annotations
 
+import fnmatch
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save
 from torch import Tensor
+
+from ..store.location import Location, StorePath
 
 __all__ = [
     "FACTOR_KINDS",
@@ -58,31 +62,32 @@ FACTOR_KINDS = (
 )
 
 
-def _shard_dir(factors_dir: str | Path, kind: str) -> Path:
+def _shard_dir(factors_dir: StorePath, kind: str) -> Location:
     if kind not in FACTOR_KINDS:
         raise ValueError(f"factor kind {kind!r} is not one of {FACTOR_KINDS}")
-    return Path(factors_dir) / f"{kind}_sharded"
+    return Location.of(factors_dir) / f"{kind}_sharded"
 
 
-def write_shard(factors_dir: str | Path, kind: str, rank: int, tensors: dict[str, Tensor]) -> Path:
-    """Write ``<kind>_sharded/shard_<rank>.safetensors`` atomically (temp file, then rename)."""
-    folder = _shard_dir(factors_dir, kind)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"shard_{rank}.safetensors"
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+def write_shard(
+    factors_dir: StorePath, kind: str, rank: int, tensors: dict[str, Tensor]
+) -> Path | Location:
+    """Write ``<kind>_sharded/shard_<rank>.safetensors`` atomically (temp file, then rename;
+    on object storage one PUT of the whole file)."""
+    path = _shard_dir(factors_dir, kind) / f"shard_{rank}.safetensors"
     data = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    save_file(data, str(tmp), metadata={"format": FORMAT, "kind": kind, "rank": str(rank)})
-    tmp.replace(path)
-    return path
+    path.write_bytes(save(data, metadata={"format": FORMAT, "kind": kind, "rank": str(rank)}))
+    return path.path
 
 
-def read_factor(factors_dir: str | Path, kind: str) -> dict[str, Tensor]:
+def read_factor(factors_dir: StorePath, kind: str) -> dict[str, Tensor]:
     """All shards of one factor kind merged into ``{key: tensor}``.
 
     Raises:
         FileNotFoundError: no shard of ``kind`` exists (the phase that writes it did not run).
     """
-    shards = sorted(_shard_dir(factors_dir, kind).glob("shard_*.safetensors"))
+    folder = _shard_dir(factors_dir, kind)
+    names = folder.children() if folder.is_dir() else []
+    shards = [folder / n for n in names if fnmatch.fnmatchcase(n, "shard_*.safetensors")]
     if not shards:
         raise FileNotFoundError(
             f"no {kind} factors in {factors_dir} (expected {kind}_sharded/shard_<r>.safetensors); "
@@ -90,22 +95,18 @@ def read_factor(factors_dir: str | Path, kind: str) -> dict[str, Tensor]:
         )
     merged: dict[str, Tensor] = {}
     for shard in shards:
-        merged.update(load_file(str(shard)))
+        merged.update(load(shard.read_bytes()))
     return merged
 
 
-def write_json(path: str | Path, obj: dict[str, Any]) -> None:
-    """Write ``obj`` as indented JSON atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-    tmp.replace(path)
+def write_json(path: StorePath, obj: dict[str, Any]) -> None:
+    """Write ``obj`` as indented JSON atomically (local or a URL)."""
+    Location.of(path).write_bytes(json.dumps(obj, indent=2, sort_keys=True).encode())
 
 
-def read_json(path: str | Path) -> dict[str, Any]:
+def read_json(path: StorePath) -> dict[str, Any]:
     """Read a JSON object written by :func:`write_json`."""
-    return json.loads(Path(path).read_text())
+    return Location.of(path).read_json()
 
 
 @dataclass
@@ -130,9 +131,16 @@ class EkfacFactors:
     counts: dict[str, Any]
 
     @classmethod
-    def load(cls, factors_dir: str | Path) -> EkfacFactors:
-        """Read the factors in ``factors_dir`` (Lambda is ``None`` if its phase did not run)."""
-        factors_dir = Path(factors_dir)
+    def load(
+        cls, factors_dir: StorePath, *, storage_options: dict[str, Any] | None = None
+    ) -> EkfacFactors:
+        """Read the factors in ``factors_dir`` (Lambda is ``None`` if its phase did not run).
+
+        Args:
+            factors_dir: A local directory or a URL (``s3://bucket/ekfac``).
+            storage_options: Options of a URL's fsspec filesystem.
+        """
+        factors_dir = Location.of(factors_dir, storage_options)
         if not (factors_dir / "config.json").is_file():
             raise FileNotFoundError(
                 f"no EK-FAC factors at {factors_dir} (config.json missing); fit them with "

@@ -20,12 +20,12 @@ stopped before the end (``complete`` False), instead of reading zeros as scores.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zarr
 
+from ..store.location import Location, StorePath
 from ..store.schema import StoreIntegrityError
 from .format import Convention, ScoreHeader, ScoreSettings, helpfulness
 
@@ -60,12 +60,18 @@ class ScoreArray:
     steps: np.ndarray | None = None  # (N,) optimizer step of each column
 
     @classmethod
-    def open(cls, path: str | Path) -> ScoreArray:
-        """Read a score array written by :func:`~lightning_bergson.scores.write_scores`."""
-        path = Path(path)
-        if not (path / "zarr.json").is_file():
+    def open(cls, path: StorePath, *, storage_options: dict[str, Any] | None = None) -> ScoreArray:
+        """Read a score array written by :func:`~lightning_bergson.scores.write_scores`.
+
+        Args:
+            path: A local directory or a URL (``s3://bucket/scores.zarr``).
+            storage_options: Options of a URL's fsspec filesystem.
+        """
+        where = Location.of(path, storage_options)
+        path = where.path
+        if not (where / "zarr.json").is_file():
             raise FileNotFoundError(f"no score array at {path}")
-        group = zarr.open_group(str(path), mode="r")
+        group = zarr.open_group(where.zarr_store(read_only=True), mode="r")
         header = ScoreHeader.from_json(dict(group.attrs), where=path)
         if not header.complete:
             raise ValueError(
@@ -99,7 +105,7 @@ class ScoreArray:
         return helpfulness(self.scores, self.convention)
 
 
-def _read_checked(group: zarr.Group, name: str, path: Path, checked: bool) -> np.ndarray:
+def _read_checked(group: zarr.Group, name: str, path: Any, checked: bool) -> np.ndarray:
     """Read one array; on schema 2 a missing or damaged chunk is an error, never zeros."""
     array = group[name]
     assert isinstance(array, zarr.Array)

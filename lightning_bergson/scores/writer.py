@@ -18,6 +18,7 @@ import torch
 import zarr
 from zarr.codecs import Crc32cCodec
 
+from ..store.location import Location, StorePath
 from ..store.schema import require_writable
 from .format import Convention, ScoreHeader, ScoreSettings
 
@@ -56,6 +57,8 @@ class ScoreArrayWriter:
         steps: ``[N]`` optimizer step of every column, when columns are stored rows.
         chunk_cols: Columns per chunk (default: about 4 MiB of scores).
         overwrite: Replace an existing array at ``path``.
+        storage_options: Options of a URL's fsspec filesystem (``path`` may be a URL such as
+            ``s3://bucket/scores.zarr``).
 
     Example:
         >>> import tempfile
@@ -70,7 +73,7 @@ class ScoreArrayWriter:
 
     def __init__(
         self,
-        path: str | Path,
+        path: StorePath,
         header: ScoreHeader,
         *,
         num_queries: int,
@@ -81,6 +84,7 @@ class ScoreArrayWriter:
         steps: IdLike | None = None,
         chunk_cols: int | None = None,
         overwrite: bool = False,
+        storage_options: dict[str, Any] | None = None,
     ) -> None:
         ids = _as_ids(example_ids, "example_ids")
         qids = np.arange(num_queries) if query_ids is None else query_ids
@@ -95,12 +99,16 @@ class ScoreArrayWriter:
                 "epochs/steps describe stored rows but the header says columns="
                 f"{header.settings.columns!r}; pass ScoreSettings(columns='rows', ...)"
             )
-        self.path = Path(path)
-        if self.path.exists() and not overwrite:
+        self.location = Location.of(path, storage_options)
+        self.path = self.location.path  # a Path, or the Location of a URL
+        exists = self.location.exists()
+        if exists and not overwrite:
             raise FileExistsError(f"{self.path} exists; pass overwrite=True or choose another path")
-        require_writable(self.path, "a score array", with_parent=self.path.exists())
+        require_writable(self.location, "a score array", with_parent=exists)
+        if exists and self.location.remote:
+            self.location.remove()  # mode="w" below clears a local directory itself
         attrs = {**header.to_json(), "complete": False}
-        self.group = zarr.open_group(str(self.path), mode="w", attributes=attrs)
+        self.group = zarr.open_group(self.location.zarr_store(), mode="w", attributes=attrs)
         _checked_array(self.group, "example_ids", data=ids)
         _checked_array(self.group, "query_ids", data=qids)
         for name, values in rows.items():
@@ -147,7 +155,7 @@ class ScoreArrayWriter:
             self.start += n
         self.pending = [block[:, n:]] if n < block.shape[1] else []
 
-    def close(self) -> Path:
+    def close(self) -> Path | Location:
         """Write what is buffered and flag the array complete; refuses a short array."""
         self._flush(final=True)
         if self.start != self.num_cols:
@@ -184,7 +192,8 @@ def write_scores(
     epochs: IdLike | None = None,
     steps: IdLike | None = None,
     overwrite: bool = False,
-) -> Path:
+    storage_options: dict[str, Any] | None = None,
+) -> Path | Location:
     """Write ``scores`` ``[Q, N(, S)]`` with their example and query ids.
 
     Args:
@@ -201,6 +210,7 @@ def write_scores(
         epochs: ``[N]`` epoch of every column, when the columns are stored rows.
         steps: ``[N]`` optimizer step of every column, when the columns are stored rows.
         overwrite: Replace an existing array at ``path``.
+        storage_options: Options of a URL's fsspec filesystem.
 
     Example:
         >>> import tempfile
@@ -223,7 +233,7 @@ def write_scores(
     with ScoreArrayWriter(
         path, header, num_queries=arr.shape[0], example_ids=ids, query_ids=query_ids,
         tokens=arr.shape[2] if arr.ndim == 3 else None, epochs=epochs, steps=steps,
-        overwrite=overwrite,
+        overwrite=overwrite, storage_options=storage_options,
     ) as writer:  # fmt: skip
         writer.add(arr)
     return writer.path

@@ -26,6 +26,7 @@ Example:
 """
 
 from .integrity import Damage, VerifyReport, verify_store
+from .interop import to_dask, to_xarray
 from .reader import GradientStore, LazyRows
 from .scan import RowChunk, StoreScanner
 from .schema import (
@@ -54,5 +55,7 @@ __all__ = [
     "StoreScanner",
     "VerifyReport",
     "layout_blocks",
+    "to_dask",
+    "to_xarray",
     "verify_store",
 ]

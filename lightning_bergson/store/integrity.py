@@ -35,6 +35,7 @@ import numpy as np
 import zarr
 from zarr.core.sync import sync
 
+from .location import Location, StorePath
 from .schema import (
     CHECKSUM_SCHEMA,
     COLUMNS,
@@ -108,7 +109,8 @@ def stored_chunks(arr: zarr.Array) -> set[int]:
         return [k async for k in arr.store.list_prefix(prefix)]
 
     # A chunk being written is a temporary "<k>.<uuid>.partial" file until it is renamed
-    # into place (Zarr's local store writes atomically): it is not a stored chunk yet.
+    # into place (Zarr's local store writes atomically): it is not a stored chunk yet. On
+    # object storage a chunk is one PUT of the whole object: it is listed once it is whole.
     heads = (key[len(prefix) :].split("/", 1)[0] for key in sync(keys()))
     return {int(head) for head in heads if head.isdigit()}
 
@@ -176,13 +178,18 @@ class ChunkGuard:
         return out
 
     def _present(self, chunk: int) -> bool:
-        """Whether ``chunk`` exists now (a stat for local stores; else the listing at open)."""
+        """Whether ``chunk`` exists now: a stat for local stores, a request for the object
+        (HEAD) on object storage."""
         if not self.checked:
             return True
+        key = self.array.metadata.encode_chunk_key((chunk,) + (0,) * (self.array.ndim - 1))
         root = getattr(self.array.store, "root", None)
         if root is None:
-            return chunk not in self.missing
-        key = self.array.metadata.encode_chunk_key((chunk,) + (0,) * (self.array.ndim - 1))
+            store = self.array.store
+            path = f"{self.array.path}/{key}" if self.array.path else key
+            if (fs := getattr(store, "fs", None)) is not None:  # ask the server, not a listing
+                fs.invalidate_cache(f"{store.path}/{path}")  # cached when the store was opened
+            return bool(sync(store.exists(path)))
         return (Path(str(root)) / self.array.path / key).is_file()
 
     def scan(self, chunks: Sequence[int] | range | None = None) -> list[Damage]:
@@ -206,11 +213,12 @@ class ChunkGuard:
 class VerifyReport:
     """What :func:`verify_store` found; ``ok`` when nothing is damaged."""
 
-    path: Path
+    path: Path | Location
     rows: dict[int, int]
     chunks: int
     checked: bool
     damage: list[Damage]
+    location: Location | None = None  # where the store is (default: ``path``)
 
     @property
     def ok(self) -> bool:
@@ -251,15 +259,19 @@ class VerifyReport:
         return "\n".join(lines)
 
 
-def rank_guards(path: Path, attrs: dict[str, Any]) -> list[tuple[int, int, dict[str, ChunkGuard]]]:
+def rank_guards(
+    location: StorePath, attrs: dict[str, Any]
+) -> list[tuple[int, int, dict[str, ChunkGuard]]]:
     """``(rank, committed rows, {array: guard})`` of every rank with rows, in rank order."""
     checked = int(attrs.get("schema_version", 1)) >= CHECKSUM_SCHEMA
+    location = Location.of(location)
+    path = location.path
     out, offset = [], 0
     for r in range(int(attrs["world_size"])):
-        n = int((_read_attrs(path / f"rank_{r}") or {}).get("committed_rows", 0))
+        n = int((_read_attrs(location / f"rank_{r}") or {}).get("committed_rows", 0))
         if n == 0:
             continue
-        group = zarr.open_group(str(path / f"rank_{r}"), mode="r")
+        group = zarr.open_group((location / f"rank_{r}").zarr_store(read_only=True), mode="r")
         guards = {}
         for name in ARRAYS:
             if name not in group:
@@ -280,17 +292,20 @@ def rank_guards(path: Path, attrs: dict[str, Any]) -> list[tuple[int, int, dict[
     return out
 
 
-def verify_store(path: str | Path, *, progress: bool = True) -> VerifyReport:
+def verify_store(
+    path: StorePath, *, progress: bool = True, storage_options: dict[str, Any] | None = None
+) -> VerifyReport:
     """Read every committed chunk of every array of the store once; report the damage.
 
     Args:
-        path: The gradient store.
+        path: The gradient store: a local directory or a URL.
         progress: Show a progress bar over chunks.
+        storage_options: Options of a URL's fsspec filesystem.
     """
-    path = Path(path)
-    attrs = _open_root_attrs(path)
+    location = Location.of(path, storage_options)
+    attrs = _open_root_attrs(location)
     checked = int(attrs.get("schema_version", 1)) >= CHECKSUM_SCHEMA
-    ranks = rank_guards(path, attrs)
+    ranks = rank_guards(location, attrs)
     work = [
         (g, k) for _, _, guards in ranks for g in guards.values()
         for k in range(math.ceil(g.rows / g.chunk_rows))
@@ -307,7 +322,8 @@ def verify_store(path: str | Path, *, progress: bool = True) -> VerifyReport:
             bar.update()
     if bar is not None:
         bar.close()
-    return VerifyReport(path, {r: n for r, n, _ in ranks}, len(work), checked, damage)
+    rows = {r: n for r, n, _ in ranks}
+    return VerifyReport(location.path, rows, len(work), checked, damage, location)
 
 
 def truncate_damaged(report: VerifyReport) -> dict[int, int]:
@@ -321,7 +337,7 @@ def truncate_damaged(report: VerifyReport) -> dict[int, int]:
     keep = {r: spans[0][0] for r, spans in report.damaged_ranges().items()}
     for rank, rows in keep.items():
         writer = GradientStoreWriter.reopen(
-            report.path, rank=rank, committed_rows=rows, background=False
+            report.location or report.path, rank=rank, committed_rows=rows, background=False
         )
         writer.close(complete=True)
     return keep

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from .integrity import ChunkGuard, VerifyReport, rank_guards, verify_store
+from .location import Location, StorePath
 from .schema import (
     _AUX_DIRS,
     COLUMNS,
@@ -118,9 +119,10 @@ class GradientStore:
         0 torch.Size([5, 12])
     """
 
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self.attrs: dict[str, Any] = _open_root_attrs(self.path)
+    def __init__(self, path: StorePath, storage_options: dict[str, Any] | None = None) -> None:
+        self.location = Location.of(path, storage_options)
+        self.path = self.location.path  # a Path for local stores, the Location of a remote one
+        self.attrs: dict[str, Any] = _open_root_attrs(self.location)
         self.modules = [ModuleBlock.from_json(m) for m in self.attrs["modules"]]
         self.dim, self.dtype = int(self.attrs["dim"]), np.dtype(self.attrs["dtype"])
         self.complete = bool(self.attrs["complete"])
@@ -143,7 +145,7 @@ class GradientStore:
         self.skipped = [
             {"rank": r, "example_id": i, "step": st, "epoch": ep}
             for r in range(len(counts))
-            for i, st, ep in (_read_attrs(self.path / f"rank_{r}") or {}).get("skipped", [])
+            for i, st, ep in (_read_attrs(self.location / f"rank_{r}") or {}).get("skipped", [])
         ]
 
     def _load_ranks(self, world_size: int) -> tuple[list[ChunkGuard], list[int], dict[str, list]]:
@@ -155,7 +157,7 @@ class GradientStore:
         assert world_size == int(self.attrs["world_size"])
         counts = [0] * world_size
         arrays, columns = [], {k: [] for k in COLUMNS}
-        for r, n, guards in rank_guards(self.path, self.attrs):
+        for r, n, guards in rank_guards(self.location, self.attrs):
             counts[r] = n
             arrays.append(guards["gradients"])
             for k in COLUMNS:
@@ -166,9 +168,17 @@ class GradientStore:
         return arrays, counts, columns
 
     @classmethod
-    def open(cls, path: str | Path) -> GradientStore:
-        """Open the store at ``path`` (warns with IncompleteStoreWarning if not complete)."""
-        return cls(path)
+    def open(
+        cls, path: StorePath, *, storage_options: dict[str, Any] | None = None
+    ) -> GradientStore:
+        """Open the store at ``path`` (warns with IncompleteStoreWarning if not complete).
+
+        Args:
+            path: A local directory or a URL (``s3://bucket/run.zarr``).
+            storage_options: Options of a URL's fsspec filesystem (credentials,
+                ``endpoint_url``); without them the usual environment variables apply.
+        """
+        return cls(path, storage_options)
 
     def __len__(self) -> int:
         return self.num_rows
@@ -227,12 +237,19 @@ class GradientStore:
         See :func:`~lightning_bergson.store.integrity.verify_store`; ``report.ok`` is True
         for an undamaged store and ``report.damaged_ranges()`` gives ``{rank: [(lo, hi)]}``.
         """
-        return verify_store(self.path, progress=progress)
+        return verify_store(self.location, progress=progress)
 
     def subdir(self, name: str) -> Path:
-        """Path of an auxiliary directory (e.g. ``"normalizers"``), created on demand."""
+        """Path of an auxiliary directory (e.g. ``"normalizers"``), created on demand.
+
+        Local stores only; :meth:`aux` works for remote ones too.
+        """
+        out = self.aux(name)
+        out.mkdir()
+        return out.local
+
+    def aux(self, name: str) -> Location:
+        """Location of an auxiliary directory (e.g. ``"preconditioners"``) of the store."""
         if not name or "/" in name or name.startswith(("rank_", ".")) or name == "zarr.json":
             raise ValueError(f"bad store subdirectory name {name!r}; try one of {_AUX_DIRS}")
-        out = self.path / name
-        out.mkdir(exist_ok=True)
-        return out
+        return self.location / name

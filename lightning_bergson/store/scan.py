@@ -1,4 +1,4 @@
-"""Scan a store: stream every committed row in order, in chunks, with its example id.
+r"""Scan a store: stream every committed row in order, in chunks, with its example id.
 
 :class:`StoreScanner` is the public way to read a whole store for scoring: it yields
 :class:`RowChunk`\ s (start row, rows ``[n, D_sel]``, example ids ``[n]``) read ahead on a
@@ -11,9 +11,11 @@ compress), so a chunk file of ``rank_<r>/gradients`` is the chunk's rows as raw
 little-endian bytes followed by their crc32c (schema 2). For a full-row scan the reader
 ``readinto``\ s those bytes straight into a ring of reused buffers and casts them into a
 second ring in the scoring dtype: no per-chunk allocation (fresh pages cost more than the
-copy) and no intermediate arrays. Whenever the layout is anything else (another codec,
-sharding, non-local storage, a column subset), it falls back to
-:meth:`GradientStore.iter_chunks`; both yield the same values.
+copy) and no intermediate arrays. On object storage (``s3://``, ...) the same chunks are
+fetched as whole objects, all the chunks of one yielded block at once (concurrent GETs), and
+checked the same way: a missing object is damage, never the fill value. Whenever the layout
+is anything else (another codec, sharding, a column subset), it falls back to
+:meth:`GradientStore.iter_chunks`; all paths yield the same values.
 
 Buffers are reused: a yielded tensor stays valid until ``ring - 2`` further chunks have
 been read, which covers :func:`prefetch` with ``depth = ring - 2`` (one chunk being read,
@@ -22,6 +24,7 @@ been read, which covers :func:`prefetch` with ``depth = ring - 2`` (one chunk be
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import queue
 import sys
@@ -34,6 +37,8 @@ from typing import NamedTuple, TypeVar
 import google_crc32c
 import numpy as np
 import torch
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
 
 from .integrity import ChunkGuard, integrity_error
 from .reader import GradientStore
@@ -60,6 +65,13 @@ class _RawArray:
     def _damage(self, k: int, kind: str, detail: str = "") -> StoreIntegrityError:
         return integrity_error(self.guard.path, [self.guard.damage(k, kind, detail)])
 
+    def _verify(self, k: int, data: np.ndarray, tail: bytes) -> None:
+        """Refuse chunk ``k`` whose bytes ``data`` do not match the crc32c ``tail``."""
+        frozen = data.reshape(-1).view(np.uint8)
+        frozen.flags.writeable = False  # a read-only view: what the crc32c extension takes
+        if google_crc32c.value(frozen) != int.from_bytes(tail, "little"):
+            raise self._damage(k, "checksum")
+
     def _whole(self, k: int, dest: np.ndarray) -> None:
         """Chunk ``k`` (all its rows, padding included) into ``dest``, verified."""
         path = self.chunk_path(k)
@@ -79,14 +91,12 @@ class _RawArray:
             return
         if got != len(view) or len(tail) != 4:
             raise self._damage(k, "checksum", "its file has the wrong size")
-        frozen = dest.reshape(-1).view(np.uint8)
-        frozen.flags.writeable = False  # a read-only view: what the crc32c extension takes
-        if google_crc32c.value(frozen) != int.from_bytes(tail, "little"):
-            raise self._damage(k, "checksum")
+        self._verify(k, dest, tail)
 
     def read(self, start: int, stop: int, out: np.ndarray) -> None:
         """Rows ``[start, stop)`` of this rank into ``out`` ``[stop - start, D]``."""
         c = self.per_chunk
+        self._fetch(range(start // c, (stop - 1) // c + 1))
         for k in range(start // c, (stop - 1) // c + 1):
             lo, hi = max(start, k * c), min(stop, (k + 1) * c)
             dest = out[lo - start : hi - start]
@@ -98,6 +108,55 @@ class _RawArray:
                 self._whole(k, buf)
                 self._cached = (k, buf)
             dest[...] = self._cached[1][lo - k * c : hi - k * c]
+
+    def _fetch(self, chunks: range) -> None:
+        """Get ready to read ``chunks`` (local files are opened one by one: nothing to do)."""
+
+
+class _ObjectArray(_RawArray):
+    """One rank's gradient array on object storage: chunks fetched as whole objects.
+
+    :meth:`read` gets every chunk it needs in one batch of concurrent requests; each is
+    checked for its size and crc32c exactly as a local chunk file is.
+    """
+
+    def __init__(self, guard: ChunkGuard, checksum: bool) -> None:
+        super().__init__(guard, Path(), checksum)
+        self._fetched: dict[int, bytes | None] = {}
+
+    def _key(self, k: int) -> str:
+        key = self.arr.metadata.encode_chunk_key((k, 0))
+        return f"{self.arr.path}/{key}" if self.arr.path else key
+
+    def _fetch(self, chunks: range) -> None:
+        store, proto = self.arr.store, default_buffer_prototype()
+
+        async def get_all() -> list:
+            return await asyncio.gather(*(store.get(self._key(k), proto) for k in chunks))
+
+        got = sync(get_all())
+        pairs = zip(chunks, got, strict=True)
+        self._fetched = {k: None if b is None else b.to_bytes() for k, b in pairs}
+
+    def _whole(self, k: int, dest: np.ndarray) -> None:
+        data = self._fetched.pop(k, None) if k in self._fetched else self._get(k)
+        if data is None:
+            if self.guard.checked:
+                raise self._damage(k, "missing")
+            dest[...] = self.arr.metadata.fill_value  # an old store: never written
+            return
+        size, extra = dest.nbytes, 4 if self.checksum else 0
+        if len(data) != size + extra:
+            kind = "checksum" if self.checksum else "unreadable"
+            raise self._damage(k, kind, "its object has the wrong size")
+        body = np.frombuffer(data, dtype=dest.dtype, count=dest.size).reshape(dest.shape)
+        if self.checksum:
+            self._verify(k, body, data[size:])
+        dest[...] = body
+
+    def _get(self, k: int) -> bytes | None:
+        self._fetch(range(k, k + 1))
+        return self._fetched.pop(k)
 
 
 def _raw_layout(store: GradientStore) -> list[tuple[_RawArray, int]] | None:
@@ -114,13 +173,15 @@ def _raw_layout(store: GradientStore) -> list[tuple[_RawArray, int]] | None:
             codecs in (["BytesCodec"], ["BytesCodec", "Crc32cCodec"])
             and str(getattr(endian, "value", endian)) in ("little", "None")
             and tuple(arr.chunks) == (arr.chunks[0], store.dim)
-            and root is not None
             and arr.dtype == store.dtype
         )
         if not raw:
             return None
         checksum = codecs[-1] == "Crc32cCodec"
-        out.append((_RawArray(guard, Path(str(root)) / arr.path, checksum), guard.rows))
+        if root is None:  # object storage (an FsspecStore): whole objects by key
+            out.append((_ObjectArray(guard, checksum), guard.rows))
+        else:
+            out.append((_RawArray(guard, Path(str(root)) / arr.path, checksum), guard.rows))
     return out
 
 
@@ -130,6 +191,7 @@ def _raw_chunks(
     chunk_rows: int,
     dtype: torch.dtype,
     ring: int,
+    span: tuple[int, int],
 ) -> Iterator[Chunk]:
     raw = [np.empty((chunk_rows, store.dim), dtype=store.dtype) for _ in range(ring)]
     same = torch.from_numpy(raw[0]).dtype == dtype
@@ -138,8 +200,8 @@ def _raw_chunks(
     else:
         outs = [torch.empty(chunk_rows, store.dim, dtype=dtype) for _ in range(ring)]
     offsets = np.concatenate([[0], np.cumsum([rows for _, rows in layout])])
-    for i, start in enumerate(range(0, len(store), chunk_rows)):
-        stop = min(start + chunk_rows, len(store))
+    for i, start in enumerate(range(span[0], span[1], chunk_rows)):
+        stop = min(start + chunk_rows, span[1])
         buf = raw[i % ring][: stop - start]  # (n, D) in the store's dtype
         for (raw_array, rows), off in zip(layout, offsets.tolist(), strict=False):
             a, b = max(start, off), min(stop, off + rows)
@@ -158,8 +220,9 @@ def iter_rows(
     modules: Sequence[str] | None = None,
     dtype: torch.dtype = torch.float32,
     ring: int = 4,
+    span: tuple[int, int] | None = None,
 ) -> Iterator[Chunk]:
-    """``(start_row, rows [n, D_sel])`` over the whole store, in order.
+    """``(start_row, rows [n, D_sel])`` over the whole store (or rows ``span``), in order.
 
     Args:
         store: The gradient store.
@@ -167,6 +230,7 @@ def iter_rows(
         modules: Column blocks to keep (falls back to ``iter_chunks``).
         dtype: Dtype of the yielded rows.
         ring: Reused buffers; yielded tensors are overwritten ``ring - 1`` chunks later.
+        span: Rows ``(begin, end)`` to read instead of all (a rank's share of a store).
 
     Example:
         >>> import tempfile
@@ -178,11 +242,28 @@ def iter_rows(
         >>> [(s, c[:, 0].tolist()) for s, c in iter_rows(GradientStore.open(path), 3)]
         [(0, [0.0, 3.0, 6.0]), (3, [9.0, 12.0])]
     """
+    begin, end = _checked_span(span, len(store))
     layout = _raw_layout(store) if modules is None else None
     if layout is None:
-        yield from store.iter_chunks(chunk_rows, modules=modules, dtype=dtype)
+        cols = None if modules is None else store.columns(modules)
+        for start in range(begin, end, chunk_rows):
+            data = store.gradients.take(slice(start, min(start + chunk_rows, end)), cols)
+            yield start, torch.from_numpy(data).to(dtype)
         return
-    yield from _raw_chunks(store, layout, chunk_rows, dtype, ring)
+    yield from _raw_chunks(store, layout, chunk_rows, dtype, ring, (begin, end))
+
+
+def _checked_span(span: tuple[int, int] | None, rows: int) -> tuple[int, int]:
+    """``span`` as ``(begin, end)`` within the committed rows; all rows when ``None``."""
+    if span is None:
+        return 0, rows
+    begin, end = int(span[0]), int(span[1])
+    if not 0 <= begin <= end <= rows:
+        raise ValueError(
+            f"row span {span} is not within the store's {rows} committed rows; give "
+            f"0 <= begin <= end <= {rows}"
+        )
+    return begin, end
 
 
 def prefetch(items: Iterable[T], depth: int = 2) -> Iterator[T]:
@@ -254,6 +335,7 @@ class StoreScanner:
         modules: Keep only these blocks' columns (names, parents or globs).
         dtype: Dtype of the yielded rows.
         prefetch: Chunks read ahead on a background thread (0 reads in the caller's thread).
+        span: Stream rows ``(begin, end)`` only (one process's share of a store).
 
     Example:
         >>> import tempfile
@@ -277,6 +359,7 @@ class StoreScanner:
         modules: Sequence[str] | None = None,
         dtype: torch.dtype = torch.float32,
         prefetch: int = 2,
+        span: tuple[int, int] | None = None,
     ) -> None:
         if chunk_rows is not None and chunk_rows < 1:
             raise ValueError(f"chunk_rows must be >= 1; got {chunk_rows}")
@@ -288,16 +371,18 @@ class StoreScanner:
         if self.modules is not None:
             store.columns(self.modules)  # an unknown block is refused here, not mid-scan
         self.dtype, self.prefetch = dtype, prefetch
+        self.span = _checked_span(span, len(store))
 
     def __len__(self) -> int:
         """Number of chunks."""
-        return -(-len(self.store) // self.chunk_rows)
+        return -(-(self.span[1] - self.span[0]) // self.chunk_rows)
 
     def __iter__(self) -> Iterator[RowChunk]:
         ring = self.prefetch + 2  # one being read, `prefetch` queued, one being consumed
         chunks = iter_rows(
-            self.store, self.chunk_rows, modules=self.modules, dtype=self.dtype, ring=ring
-        )
+            self.store, self.chunk_rows, modules=self.modules, dtype=self.dtype, ring=ring,
+            span=self.span,
+        )  # fmt: skip
         ids = self.store.example_ids
         stream = prefetch(chunks, depth=self.prefetch) if self.prefetch else chunks
         for start, rows in stream:

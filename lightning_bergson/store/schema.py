@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from .location import Location, StorePath
+
 FORMAT = "lightning_bergson.gradient_store"
 SCHEMA_VERSION = 2
 CHECKSUM_SCHEMA = 2
@@ -57,7 +59,7 @@ class IncompleteStoreWarning(UserWarning):
 
 
 def require_writable(
-    path: str | Path, what: str = "a gradient store", *, with_parent: bool = False
+    path: StorePath, what: str = "a gradient store", *, with_parent: bool = False
 ) -> None:
     """Raise before anything is changed when ``path`` cannot be written as a whole.
 
@@ -66,9 +68,14 @@ def require_writable(
     replacement removes it from and whose ``zarr.json`` a resume rewrites): Zarr replaces
     files by renaming into their directory, and removing or truncating deletes entries.
     Checking first keeps a half-replaced or half-deleted store from ever happening on a
-    read-only copy or mount.
+    read-only copy or mount. Object storage has no such check (permissions are the
+    bucket's policy, known only to a request): there the first write that is refused
+    fails with :class:`GradientStoreWriteError`, and committed rows stay as they were.
     """
-    path = Path(path)
+    loc = Location.of(path)
+    if loc.remote:
+        return
+    path = loc.local
     if not path.exists():
         parent = path.parent
         while not parent.exists() and parent != parent.parent:
@@ -143,13 +150,13 @@ def _check_modules(modules: Sequence[ModuleBlock]) -> int:
     return offset
 
 
-def _read_attrs(node: Path) -> dict[str, Any] | None:
+def _read_attrs(node: StorePath) -> dict[str, Any] | None:
     """Attributes of the Zarr node at ``node`` read straight from its zarr.json, or None."""
-    meta = node / "zarr.json"
-    if not meta.is_file():
+    try:
+        meta = (Location.of(node) / "zarr.json").read_bytes()
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         return None
-    with meta.open() as f:
-        return json.load(f).get("attributes", {})
+    return json.loads(meta).get("attributes", {})
 
 
 @functools.cache
@@ -160,41 +167,44 @@ def _package_version() -> str:
         return "0+unknown"
 
 
-def _foreign_entries(path: Path) -> list[str]:
+def _foreign_entries(path: StorePath) -> list[str]:
     """Entries of ``path`` showing it is not a (partly written) gradient store; [] if it is."""
-    if not path.is_dir():
-        return [path.name]
-    attrs = _read_attrs(path)
+    loc = Location.of(path)
+    attrs = _read_attrs(loc)
     if attrs is not None:
         return [] if attrs.get("format") == FORMAT else ["zarr.json (not a gradient store)"]
-    return sorted(p.name for p in path.iterdir() if not p.name.startswith("rank_"))
+    if not loc.is_dir():
+        return [loc.name]
+    return [name for name in loc.children() if not name.startswith("rank_")]
 
 
-def _open_root_attrs(path: Path) -> dict[str, Any]:
+def _open_root_attrs(path: StorePath) -> dict[str, Any]:
     """Root attributes of the store at ``path``, with errors that say what is wrong."""
-    if not path.exists():
-        raise FileNotFoundError(f"No gradient store at {path}: the path does not exist.")
-    if not path.is_dir():
-        raise ValueError(
-            f"{path} is a file, not a gradient store (a store is a directory holding "
-            "zarr.json and rank_<r>/ groups, as GradientCaptureCallback or `index` write it)."
-        )
-    attrs = _read_attrs(path)
+    loc = Location.of(path)
+    attrs = _read_attrs(loc)
     if attrs is None:
+        if not loc.exists():
+            where = "the object prefix holds nothing" if loc.remote else "the path does not exist"
+            raise FileNotFoundError(f"No gradient store at {loc}: {where}.")
+        if not loc.is_dir():
+            raise ValueError(
+                f"{loc} is a file, not a gradient store (a store is a directory holding "
+                "zarr.json and rank_<r>/ groups, as GradientCaptureCallback or `index` write it)."
+            )
         raise ValueError(
-            f"{path} is not a gradient store: it has no zarr.json (a store is a directory "
+            f"{loc} is not a gradient store: it has no zarr.json (a store is a directory "
             "holding zarr.json and rank_<r>/ groups). Pass the *.zarr directory itself."
         )
     if attrs.get("format") != FORMAT:
         kind = _KINDS.get(str(attrs.get("format")))
         raise ValueError(
-            f"{path} is not a lightning_bergson gradient store"
+            f"{loc} is not a lightning_bergson gradient store"
             + (f": it holds {kind}" if kind else f" (its zarr.json has no format={FORMAT!r})")
             + "."
         )
     if int(attrs.get("schema_version", 0)) > SCHEMA_VERSION:
         raise ValueError(
-            f"{path} uses store schema_version {attrs['schema_version']}, newer than"
+            f"{loc} uses store schema_version {attrs['schema_version']}, newer than"
             f" {SCHEMA_VERSION} supported here; upgrade lightning-bergson."
         )
     return attrs

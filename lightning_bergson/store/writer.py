@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import functools
 import queue
-import shutil
 import threading
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -15,6 +13,7 @@ import torch
 import zarr
 from zarr.codecs import Crc32cCodec
 
+from .location import Location, StorePath
 from .schema import (
     COLUMNS,
     DTYPES,
@@ -111,8 +110,8 @@ def _resize_rows(arrays: dict[str, zarr.Array], num_rows: int) -> None:
             arr.resize((num_rows, *arr.shape[1:]))
 
 
-def _rank_complete(path: Path, rank: int) -> bool:
-    attrs = _read_attrs(path / f"rank_{rank}")
+def _rank_complete(location: Location, rank: int) -> bool:
+    attrs = _read_attrs(location / f"rank_{rank}")
     return bool(attrs and attrs.get("complete"))
 
 
@@ -120,7 +119,8 @@ class GradientStoreWriter:
     """Append per-example gradient rows of one rank to a Zarr v3 store.
 
     Args:
-        path: Store directory (conventionally ``*.zarr``).
+        path: Store directory (conventionally ``*.zarr``): a local path or a URL
+            (``s3://bucket/run.zarr``, see :class:`~lightning_bergson.store.Location`).
         modules: Column blocks of a row, as made by :func:`layout_blocks`.
         dtype: ``"float16"`` (finite values clamped to +-65504) or ``"float32"``.
         rank: This writer's rank; each rank writes its own ``rank_<r>`` group.
@@ -135,6 +135,7 @@ class GradientStoreWriter:
         overwrite: Replace an existing gradient store at ``path`` (never unrelated files).
         background: Write chunks on a background thread; False writes synchronously.
         max_pending_chunks: Bound on chunks queued for the background thread.
+        storage_options: Options of a URL's fsspec filesystem (credentials, endpoint).
 
     Rank 0 must create the root before other ranks create their groups if ``overwrite``
     removes an old store (the caller places a barrier between them).
@@ -143,7 +144,7 @@ class GradientStoreWriter:
         >>> from lightning_bergson.store import layout_blocks
         >>> blocks = layout_blocks([("fc", (2, 2), "fc", None)])
         >>> import tempfile
-        >>> path = Path(tempfile.mkdtemp()) / "w.zarr"
+        >>> path = f"{tempfile.mkdtemp()}/w.zarr"
         >>> w = GradientStoreWriter(path, modules=blocks, chunk_rows=2)
         >>> w.append(np.ones((3, 4)), example_id=[0, 1, 2], step=0, epoch=0)
         >>> w.flush(), w.close()
@@ -152,7 +153,7 @@ class GradientStoreWriter:
 
     def __init__(
         self,
-        path: str | Path,
+        path: StorePath,
         *,
         modules: list[ModuleBlock],
         dtype: str = "float16",
@@ -164,6 +165,7 @@ class GradientStoreWriter:
         background: bool = True,
         max_pending_chunks: int = 4,
         expected_rows: int | None = None,
+        storage_options: dict[str, Any] | None = None,
     ) -> None:
         dim = _check_modules(modules)
         if dtype not in DTYPES:
@@ -171,15 +173,16 @@ class GradientStoreWriter:
         if expected_rows is not None and expected_rows < 0:
             raise ValueError(f"expected_rows must be >= 0; got {expected_rows}")
         chunk_rows = chunk_rows or default_chunk_rows(dim, dtype, expected_rows)
+        path = Location.of(path, storage_options)
         self._setup(path, modules, dtype, rank, world_size, chunk_rows, max_pending_chunks)
         self._initial_rows = expected_rows or 0
         attrs = _root_attrs(modules, dim, dtype, chunk_rows, world_size, metadata)
         self._prepare_path(overwrite)
         try:
             if rank == 0:
-                zarr.create_group(store=str(self.path), attributes=attrs)
+                zarr.create_group(store=self.location.zarr_store(), attributes=attrs)
             self._group = zarr.create_group(
-                store=str(self.path / f"rank_{self.rank}"),
+                store=(self.location / f"rank_{self.rank}").zarr_store(),
                 attributes={"rank": self.rank, "committed_rows": 0, "complete": False},
             )
             self._create_arrays()
@@ -191,7 +194,7 @@ class GradientStoreWriter:
 
     def _setup(
         self,
-        path: str | Path,
+        path: Location,
         modules: list[ModuleBlock],
         dtype: str,
         rank: int,
@@ -203,7 +206,8 @@ class GradientStoreWriter:
             raise ValueError(f"need 0 <= rank < world_size; got rank={rank}, world={world_size}")
         if chunk_rows < 1 or max_pending_chunks < 1:
             raise ValueError("chunk_rows and max_pending_chunks must be >= 1")
-        self.path, self.modules, self.rank = Path(path), list(modules), rank
+        self.location, self.modules, self.rank = path, list(modules), rank
+        self.path = path.path  # a Path for local stores, the Location of a remote one
         self.dim, self.dtype = _check_modules(modules), np.dtype(dtype)
         self.world_size, self.chunk_rows = world_size, chunk_rows
         self._max_pending = max_pending_chunks
@@ -218,7 +222,7 @@ class GradientStoreWriter:
 
     def _prepare_path(self, overwrite: bool) -> None:
         """Refuse to clobber data; with ``overwrite`` remove an old store (or our old group)."""
-        p, group = self.path, self.path / f"rank_{self.rank}"
+        p, group = self.location, self.location / f"rank_{self.rank}"
         if p.exists() and (foreign := _foreign_entries(p)):
             raise FileExistsError(
                 f"{p} exists and is not a gradient store (unexpected: {foreign[:5]}); "
@@ -234,7 +238,7 @@ class GradientStoreWriter:
         target = p if self.rank == 0 else group
         require_writable(target, with_parent=exists)
         if exists:
-            shutil.rmtree(target)
+            target.remove()
         if self.rank > 0 and root.exists():
             attrs = _open_root_attrs(p)
             mine = (self.dim, self.dtype.name, self.chunk_rows, self.world_size)
@@ -265,6 +269,7 @@ class GradientStoreWriter:
             compressors=(Crc32cCodec(),),
             fill_value=fill,
             config={"write_empty_chunks": True},
+            dimension_names=("row", "column")[: len(shape)],  # what xarray.open_zarr reads
         )
 
     def _start(self, background: bool) -> None:
@@ -276,37 +281,39 @@ class GradientStoreWriter:
     @classmethod
     def reopen(
         cls,
-        path: str | Path,
+        path: StorePath,
         *,
         rank: int = 0,
         committed_rows: int,
         background: bool = True,
         max_pending_chunks: int = 4,
+        storage_options: dict[str, Any] | None = None,
     ) -> GradientStoreWriter:
         """Append to an existing store after a resume, dropping rank rows ``>= committed_rows``.
 
         The rank (and, from rank 0, the root) is marked incomplete again until :meth:`close`.
         """
-        attrs = _open_root_attrs(Path(path))
+        path = Location.of(path, storage_options)
+        attrs = _open_root_attrs(path)
         modules = [ModuleBlock.from_json(m) for m in attrs["modules"]]
         self = cls.__new__(cls)
         ws, chunk_rows = attrs["world_size"], attrs["chunk_rows"]
         self._setup(path, modules, attrs["dtype"], rank, ws, chunk_rows, max_pending_chunks)
         # the rank group and the root (rank 0 rewrites its zarr.json), before anything changes
-        require_writable(self.path / f"rank_{rank}", with_parent=True)
+        require_writable(self.location / f"rank_{rank}", with_parent=True)
         self._open_rank_group(committed_rows)
         if rank == 0:
-            zarr.open_group(str(self.path), mode="r+").attrs.update({"complete": False})
+            self._root_group().attrs.update({"complete": False})
         self._start(background)
         self.truncate(committed_rows)
         return self
 
     def _open_rank_group(self, committed_rows: int) -> None:
         """Open this rank's existing group for appending and mark it incomplete."""
-        where = self.path / f"rank_{self.rank}"
-        if not where.is_dir():
+        where = self.location / f"rank_{self.rank}"
+        if _read_attrs(where) is None:
             raise FileNotFoundError(f"{self.path} has no group rank_{self.rank} to reopen")
-        self._group = zarr.open_group(str(where), mode="r+")
+        self._group = zarr.open_group(where.zarr_store(), mode="r+")
         on_disk = int(self._group.attrs["committed_rows"])  # type: ignore[arg-type]
         self._arrays = {}
         for k in ("gradients", *COLUMNS):
@@ -468,9 +475,12 @@ class GradientStoreWriter:
         if complete:
             self._group.attrs.update({"complete": True})
             # Each rank marks itself before checking the others, so the last one sees all.
-            done = all(_rank_complete(self.path, r) for r in range(self.world_size))
-            if done and (self.path / "zarr.json").exists():
-                zarr.open_group(str(self.path), mode="r+").attrs.update({"complete": True})
+            done = all(_rank_complete(self.location, r) for r in range(self.world_size))
+            if done and (self.location / "zarr.json").exists():
+                self._root_group().attrs.update({"complete": True})
+
+    def _root_group(self) -> zarr.Group:
+        return zarr.open_group(self.location.zarr_store(), mode="r+")
 
     def abort(self) -> None:
         """Stop without marking complete; buffered rows that were not submitted are dropped."""

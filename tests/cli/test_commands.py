@@ -92,6 +92,7 @@ def test_attribute_and_score_share_their_options_and_defaults():
 
     own = {"out", "top_k", "bottom", "report", "tokens", "span_tokens", "query_reduce"}
     own |= {"overwrite", "config"}
+    own |= {"devices", "num_nodes", "strategy", "accelerator"}  # score's Lightning loop
     parsed = []
     for command, extra in ((attribute, []), (score, ["--out", "o"])):
         args = ["--store", "s", "--model", "m", *extra, "--fact", "all"]

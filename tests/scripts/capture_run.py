@@ -65,6 +65,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kill-write", type=int, default=-1, help="SIGKILL inside the Nth chunk write")
     p.add_argument("--kill-close", action="store_true", help="SIGKILL inside the store's close")
     p.add_argument("--chunk-rows", type=int, default=None)
+    p.add_argument("--store", default=None, help="store path or URL (default OUT/grads.zarr)")
+    p.add_argument("--num-nodes", type=int, default=1)
     return p.parse_args(argv)
 
 
@@ -109,14 +111,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.no_ids:  # a dataset without example_id: the Bergson strategy adds the rows
         del data["example_id"]
     rows = Rows(data)
-    if args.devices > 1:  # Lightning swaps in DistributedSampler(shuffle=True, seed=0)
+    if args.devices * args.num_nodes > 1:  # Lightning swaps in DistributedSampler(seed=0)
         loader = DataLoader(rows, batch_size=args.batch_size)
     else:  # the same epoch permutation, so the global batches match a multi-process run
         sampler = DistributedSampler(rows, num_replicas=1, rank=0, shuffle=True, seed=0)
         loader = DataLoader(rows, batch_size=args.batch_size, sampler=sampler)
     callbacks: list[Callback] = [
         GradientCaptureCallback(
-            out / "grads.zarr",
+            args.store or out / "grads.zarr",
             projection_dim=args.projection_dim,
             normalizer=args.normalizer,
             dtype="float32",
@@ -137,6 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     trainer = L.Trainer(
         accelerator=args.accelerator,
         devices=args.devices,
+        num_nodes=args.num_nodes,
         strategy=args.strategy,
         precision=args.precision,
         max_epochs=args.epochs,
