@@ -13,8 +13,8 @@ import functools
 import numpy as np
 import pytest
 import torch
-from attribution_fixtures import fit_with_capture
 from oracles import lm_batch, tiny_gpt_neox
+from recipes import fit_with_capture
 
 from lightning_bergson import CausalLMModule, GradientCaptureCallback, GradientStore, HeadConfig
 from lightning_bergson.attribution import Attributor

@@ -11,8 +11,8 @@ import copy
 
 import pytest
 import torch
-from attribution_fixtures import fit_with_capture
 from oracles import lm_batch, tiny_gpt_neox
+from recipes import fit_with_capture
 from torch import nn
 
 from lightning_bergson import CausalLMModule, GradientCaptureCallback, HeadConfig
