@@ -161,10 +161,11 @@ class GradientStore:
             counts[r] = n
             arrays.append(guards["gradients"])
             for k in COLUMNS:
-                if k not in guards:  # written before the column existed
-                    columns[k].append(np.full(n, OPTIONAL_COLUMNS[k], dtype=COLUMNS[k]))
-                    continue
-                columns[k].append(guards[k].read(slice(0, n)))
+                if k in guards:
+                    column = guards[k].read(slice(0, n))
+                else:  # written before the column existed
+                    column = np.full(n, OPTIONAL_COLUMNS[k], dtype=COLUMNS[k])
+                columns[k].append(column)
         return arrays, counts, columns
 
     @classmethod

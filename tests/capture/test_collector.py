@@ -135,6 +135,16 @@ def test_projection_follows_the_documented_seeding_rule():
             assert torch.equal(projection_matrix(5, 7, seed=11, key=key, side=side), want)
 
 
+def test_the_seed_is_the_32_bits_the_generator_keeps():
+    """The documented 63-bit value and its low 32 bits seed the same matrices (the CPU
+    generator keeps 32 bits), so ``stable_seed`` returns those 32 bits and no more."""
+    from lightning_bergson.capture.projection import stable_seed
+
+    seeds = {stable_seed(11, f"m{i}", "left") for i in range(200)}
+    assert max(seeds) < 2**32 and len(seeds) == 200
+    assert max(seeds) >= 2**31  # all 32 bits are used
+
+
 @pytest.mark.parametrize("p", [2, 3])
 def test_every_block_and_head_has_its_own_projection(tiny_lm, lm_data, oracle, p):
     """Rows of every block equal ``L_b G_b R_b^T`` with the block's own matrices: a head (or

@@ -25,8 +25,8 @@ from lightning_bergson import CausalLMModule, GradientCaptureCallback
 class Killer(Callback):
     """SIGKILL this process at a given global batch, after its backward or at its end."""
 
-    def __init__(self, batch: int, when: str) -> None:
-        self.batch, self.when, self.seen = batch, when, -1
+    def __init__(self, batch: int, when: str, drain: GradientCaptureCallback | None = None) -> None:
+        self.batch, self.when, self.seen, self.drain = batch, when, -1, drain
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.seen += 1
@@ -37,6 +37,11 @@ class Killer(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if self.when == "end" and self.seen == self.batch:
+            writer = self.drain.writer if self.drain is not None else None
+            if writer is not None and writer._thread is not None:
+                # the chunks already handed to the background writer reach the disk first,
+                # so a test can rely on which rows are committed at the kill
+                writer._queue.join()
             os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -62,6 +67,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true")
     p.add_argument("--kill-batch", type=int, default=-1)
     p.add_argument("--kill-when", default="end")
+    p.add_argument(
+        "--kill-drain", action="store_true", help="let queued chunk writes finish before the kill"
+    )
     p.add_argument("--kill-write", type=int, default=-1, help="SIGKILL inside the Nth chunk write")
     p.add_argument("--kill-close", action="store_true", help="SIGKILL inside the store's close")
     p.add_argument("--chunk-rows", type=int, default=None)
@@ -135,7 +143,9 @@ def main(argv: list[str] | None = None) -> None:
             )
         )
     if args.kill_batch >= 0:
-        callbacks.append(Killer(args.kill_batch, args.kill_when))
+        callbacks.append(
+            Killer(args.kill_batch, args.kill_when, callbacks[0] if args.kill_drain else None)
+        )
     trainer = L.Trainer(
         accelerator=args.accelerator,
         devices=args.devices,
