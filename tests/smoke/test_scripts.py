@@ -96,3 +96,12 @@ def test_fact_tracing(tmp_path):
                    "mean hidden state cosine"):  # fmt: skip
         assert method in text, method
     assert "12 facts" in text  # 3 people x 4 facts
+
+
+def test_magic_hvp(tmp_path):
+    out = run_script(
+        "benchmarks/magic_hvp.py", "--hidden", "16", "--layers", "1", "--vocab", "32",
+        "--batch_size", "2", "--seq_len", "6", "--repeats", "1", cwd=tmp_path,
+    )  # fmt: skip
+    for line in ("plain step", "reverse-over-reverse", "forward-over-reverse", "H c agrees"):
+        assert line in out, line
