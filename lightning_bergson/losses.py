@@ -64,6 +64,12 @@ def token_losses(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         ``(loss [B, S], mask [B, S])``: ``loss[:, t]`` is the loss of predicting
         ``labels[:, t]`` (0 at ``t = 0`` and at ignored positions).
     """
+    if logits.ndim != 3 or logits.shape[:2] != labels.shape:
+        raise ValueError(
+            f"logits of shape {tuple(logits.shape)} do not fit labels {tuple(labels.shape)}: "
+            "causal-LM token losses need logits [B, S, V] (the vocabulary last) for labels "
+            "[B, S]; transpose a [B, V, S] output or pass a loss_fn of your own"
+        )
     batch, seq, vocab = logits.shape
     # Rows of contiguous logits, targets shifted left: 2-3x faster than a class dimension in
     # the middle (``[B, V, S]``), and no copy of the logits (the last position is ignored).

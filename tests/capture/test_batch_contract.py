@@ -97,6 +97,21 @@ def test_labels_rule_and_supervised_tokens_follow_the_labels_not_the_mask():
     assert lm_fields({"input_ids": ids, "labels": labels})[1] is labels
 
 
+def test_token_losses_refuse_logits_with_the_vocabulary_in_the_middle():
+    """``[B, V, S]`` logits are named as such, not a cross-entropy size mismatch (with
+    ``V == S`` no shape can tell; the docs say ``[B, S, V]``)."""
+    from lightning_bergson.losses import token_losses
+
+    logits, labels = torch.randn(2, 4, 4), torch.randint(0, 4, (2, 4))
+    loss, _ = token_losses(logits, labels)  # [B, S, V]: the oracle is F.cross_entropy
+    want = F.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:], reduction="none")
+    torch.testing.assert_close(loss[:, 1:], want)
+    with pytest.raises(ValueError, match=r"need logits \[B, S, V\].*transpose"):
+        token_losses(torch.randn(2, 4, 3), labels[:, :3])  # [B, V=4, S=3], labels [B, 3]
+    with pytest.raises(ValueError, match="do not fit labels"):
+        token_losses(torch.randn(8, 4), labels)
+
+
 def test_logit_scales_recover_weights_and_flag_other_losses():
     torch.manual_seed(0)
     logits = torch.randn(3, 5, 7, dtype=torch.float64, requires_grad=True)
