@@ -33,7 +33,7 @@ MODULES: dict[str, tuple[str, list[str]]] = {
     ),
     "projection": (
         "lightning_bergson/capture/projection.py",
-        ["tests/capture/test_collector.py", "-k", "projection or projected"],
+        ["tests/capture/test_collector.py", "-k", "projection or projected or seed"],
     ),
     "normalizers": (
         "lightning_bergson/capture/normalizers.py",

@@ -145,6 +145,26 @@ def test_the_seed_is_the_32_bits_the_generator_keeps():
     assert max(seeds) >= 2**31  # all 32 bits are used
 
 
+def test_projection_shape_must_be_positive():
+    """A 1 x 1 projection is +-1; an empty or negative side is refused, naming both sizes."""
+    assert projection_matrix(1, 1, seed=0, key="a", side="left").abs().item() == 1.0
+    for dim, features in ((0, 3), (3, 0), (-1, 3), (3, -2)):
+        want = f"projection shape must be positive, got dim={dim}, features={features}$"
+        with pytest.raises(ValueError, match=want):
+            projection_matrix(dim, features, seed=0, key="a", side="left")
+
+
+def test_projection_cache_returns_the_requested_dtype():
+    """float64 matrices from the cache are the float64 matrices of the documented rule."""
+    from lightning_bergson.capture.projection import ProjectionCache
+
+    got = ProjectionCache(3, seed=2).get(["a", "b"], "left", 5, torch.float64, "cpu")
+    assert got.dtype == torch.float64
+    for i, key in enumerate("ab"):
+        want = projection_matrix(3, 5, seed=2, key=key, side="left", dtype=torch.float64)
+        assert torch.equal(got[i], want)
+
+
 @pytest.mark.parametrize("p", [2, 3])
 def test_every_block_and_head_has_its_own_projection(tiny_lm, lm_data, oracle, p):
     """Rows of every block equal ``L_b G_b R_b^T`` with the block's own matrices: a head (or
