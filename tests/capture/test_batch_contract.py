@@ -14,6 +14,7 @@ from recipes import trainer
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
+import lightning_bergson.strategy  # noqa: F401  (registers the "bergson" strategies by name)
 from lightning_bergson import EkfacModule, MagicModule
 from lightning_bergson.batch import (
     IdStamped,
