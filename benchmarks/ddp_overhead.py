@@ -75,6 +75,10 @@ def worker(args: argparse.Namespace) -> None:
     trainer.fit(module, loader)
     if trainer.is_global_zero:
         print(json.dumps({"seconds": time.perf_counter() - start}))
+    if torch.distributed.is_initialized():
+        # leave gloo's threads stopped, not destroyed at interpreter exit ("terminate called
+        # without an active exception" and exit 1 in a run that did finish)
+        torch.distributed.destroy_process_group()
 
 
 def launch(args: argparse.Namespace, devices: int, capture: bool, out: Path) -> float:
