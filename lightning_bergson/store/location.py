@@ -213,6 +213,31 @@ class Location:
             self.fs.rm(self.key, recursive=True)
         self.fs.invalidate_cache(self.key)
 
+    def set_aside(self) -> Location | None:
+        """Move a local directory tree out of the way in O(1), for :meth:`remove` later.
+
+        The tree is renamed to a hidden sibling (``.<name>.replaced-<random>``), so the path
+        is free at once and the files can be deleted off the critical path. Returns that
+        sibling, or ``None`` where nothing was moved (a remote object, a file, a missing
+        path, or a rename the filesystem refused): then :meth:`remove` it directly.
+        """
+        if self.remote or not self.local.is_dir():
+            return None
+        aside = self.local.with_name(f".{self.local.name}.replaced-{os.urandom(6).hex()}")
+        try:
+            os.rename(self.local, aside)
+        except OSError:
+            return None
+        return Location(str(aside))
+
+    def set_aside_leftovers(self) -> list[Location]:
+        """Hidden siblings a process that died before deleting them left by :meth:`set_aside`."""
+        if self.remote or not self.local.parent.is_dir():
+            return []
+        prefix = f".{self.local.name}.replaced-"
+        found = [x for x in self.local.parent.iterdir() if x.name.startswith(prefix)]
+        return [Location(str(x)) for x in sorted(found) if x.is_dir()]
+
     def mkdir(self) -> None:
         """Create a local directory (object storage has no directories: nothing to do)."""
         if not self.remote:

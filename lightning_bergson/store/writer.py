@@ -177,7 +177,7 @@ class GradientStoreWriter:
         self._setup(path, modules, dtype, rank, world_size, chunk_rows, max_pending_chunks)
         self._initial_rows = expected_rows or 0
         attrs = _root_attrs(modules, dim, dtype, chunk_rows, world_size, metadata)
-        self._prepare_path(overwrite)
+        discard = self._prepare_path(overwrite)
         try:
             if rank == 0:
                 zarr.create_group(store=self.location.zarr_store(), attributes=attrs)
@@ -185,12 +185,20 @@ class GradientStoreWriter:
                 store=(self.location / f"rank_{self.rank}").zarr_store(),
                 attributes={"rank": self.rank, "committed_rows": 0, "complete": False},
             )
-            self._create_arrays()
         except OSError as err:
-            raise GradientStoreWriteError(
-                f"Cannot create a gradient store at {self.path}: {err}. Choose a writable path."
-            ) from err
+            raise self._creation_error(err) from err
         self._start(background)
+        # Off the caller's path (a fit's first steps run meanwhile): deleting a replaced
+        # store and creating the arrays are the writer thread's first tasks, so they are
+        # done before any rows are written and, at the latest, by flush() and close().
+        if self._thread is None:
+            for old in discard:
+                old.remove()
+            self._create_arrays()
+            return
+        for old in discard:
+            self._submit_task(old.remove)
+        self._submit_task(self._create_arrays)
 
     def _setup(
         self,
@@ -220,8 +228,17 @@ class GradientStoreWriter:
         # (example_id, step, epoch) of rows left out, in order, each once
         self._skipped: dict[tuple[int, int, int], None] = {}
 
-    def _prepare_path(self, overwrite: bool) -> None:
-        """Refuse to clobber data; with ``overwrite`` remove an old store (or our old group)."""
+    def _creation_error(self, err: OSError) -> GradientStoreWriteError:
+        return GradientStoreWriteError(
+            f"Cannot create a gradient store at {self.path}: {err}. Choose a writable path."
+        )
+
+    def _prepare_path(self, overwrite: bool) -> list[Location]:
+        """Refuse to clobber data; with ``overwrite`` remove an old store (or our old group).
+
+        A local old store is renamed out of the way and returned, with leftovers of earlier
+        renames, for the writer thread to delete.
+        """
         p, group = self.location, self.location / f"rank_{self.rank}"
         if p.exists() and (foreign := _foreign_entries(p)):
             raise FileExistsError(
@@ -237,8 +254,13 @@ class GradientStoreWriter:
             )
         target = p if self.rank == 0 else group
         require_writable(target, with_parent=exists)
+        discard = p.set_aside_leftovers() if self.rank == 0 and overwrite else []
         if exists:
-            target.remove()
+            aside = target.set_aside() if self.rank == 0 else None
+            if aside is None:
+                target.remove()
+            else:
+                discard.append(aside)
         if self.rank > 0 and root.exists():
             attrs = _open_root_attrs(p)
             mine = (self.dim, self.dtype.name, self.chunk_rows, self.world_size)
@@ -247,13 +269,17 @@ class GradientStoreWriter:
                     f"rank {self.rank} layout (dim, dtype, chunk_rows, world_size)"
                     f"={mine} does not match the store at {p}"
                 )
+        return discard
 
     def _create_arrays(self) -> None:
         specs = {"gradients": self.dtype.name, **COLUMNS}
         arrays = {}
-        for name, dt in specs.items():
-            tail = (self.dim,) if name == "gradients" else ()
-            arrays[name] = self._create_array(name, (self._initial_rows, *tail), dt)
+        try:
+            for name, dt in specs.items():
+                tail = (self.dim,) if name == "gradients" else ()
+                arrays[name] = self._create_array(name, (self._initial_rows, *tail), dt)
+        except OSError as err:
+            raise self._creation_error(err) from err
         self._arrays = arrays
 
     def _create_array(self, name: str, shape: tuple[int, ...], dtype: str) -> zarr.Array:

@@ -294,6 +294,54 @@ def test_existing_store_and_overwrite(tmp_path):
 
 
 @pytest.mark.parametrize("background", [True, False])
+def test_overwrite_moves_the_old_store_aside_and_deletes_it_by_close(tmp_path, background):
+    """The old store is renamed away at once and deleted on the writer thread, before
+    close returns; leftovers of a process that died before deleting one are deleted too,
+    and nothing else next to the store is touched."""
+    path = tmp_path / "run.zarr"
+    _write(path, [4], seed=1)
+    old_chunks = [x.relative_to(path) for x in path.rglob("*") if "/c/" in x.as_posix()]
+    assert old_chunks
+    leftover = tmp_path / ".run.zarr.replaced-0123456789ab"
+    (leftover / "rank_0").mkdir(parents=True)
+    (leftover / "rank_0" / "chunk").write_bytes(b"old")
+    keep = [tmp_path / ".run.zarr.other", tmp_path / ".runX.zarr.replaced-1"]
+    for k in keep:
+        k.mkdir()
+    writer = GradientStoreWriter(
+        path, modules=BLOCKS, chunk_rows=8, overwrite=True, background=background
+    )
+    # the path holds the new store from the start: none of the old chunks are in it
+    assert not any((path / c).exists() for c in old_chunks)
+    writer.append(np.ones((3, DIM)), example_id=[10, 11, 12], step=0, epoch=0)
+    writer.close()
+    assert sorted(x.name for x in tmp_path.iterdir()) == sorted(
+        ["run.zarr", *(k.name for k in keep)]
+    )
+    store = GradientStore.open(path)
+    np.testing.assert_array_equal(store.example_ids, [10, 11, 12])
+    np.testing.assert_array_equal(store.read([0, 1, 2]), np.ones((3, DIM), dtype=np.float16))
+
+
+def test_array_creation_failure_on_the_writer_thread_is_raised_with_the_path(tmp_path, monkeypatch):
+    def refuse(self, name, shape, dtype):
+        raise OSError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(GradientStoreWriter, "_create_array", refuse)
+    writer = GradientStoreWriter(tmp_path / "run.zarr", modules=BLOCKS, chunk_rows=2)
+    with pytest.raises(
+        GradientStoreWriteError,
+        match=r"Cannot create a gradient store at .*"
+        r"run\.zarr.*Permission denied.*writable path",
+    ):
+        writer.append(np.ones((4, DIM)), example_id=[0, 1, 2, 3], step=0, epoch=0)
+        writer.flush()
+    writer.abort()
+    with pytest.raises(GradientStoreWriteError, match="Cannot create a gradient store"):
+        GradientStoreWriter(tmp_path / "b.zarr", modules=BLOCKS, background=False)
+
+
+@pytest.mark.parametrize("background", [True, False])
 def test_flush_truncate_and_reopen(tmp_path, background):
     path = tmp_path / "run.zarr"
     data = torch.randn(40, DIM)
