@@ -9,6 +9,7 @@ or ``lightning_bergson.scores`` does not pay for Lightning and transformers.
 
 from __future__ import annotations
 
+import sys
 from typing import TYPE_CHECKING
 
 from ._lazy import lazy_exports
@@ -62,6 +63,12 @@ __all__ = [
     "normalizers_from_optimizer",
 ]
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
+
+if "lightning.pytorch" in sys.modules:
+    # Lightning is loaded already, so registering costs nothing: Trainer(strategy="bergson")
+    # then works after a bare `import lightning_bergson`. Otherwise the names are registered
+    # by the first import of a Lightning-side name (callbacks, models, data, strategy, ...).
+    from . import strategy as _strategy  # noqa: F401
 
 if TYPE_CHECKING:  # what type checkers and IDEs see
     from .attribution import Attributor

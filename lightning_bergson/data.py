@@ -34,6 +34,7 @@ from typing_extensions import override
 from lightning_bergson.batch import IGNORE_INDEX, collate_batch
 from lightning_bergson.corpus import BiographyCorpus, make_biographies
 from lightning_bergson.loader import EpochShuffleSampler, TokenBudgetBatchSampler
+from lightning_bergson.strategy import BergsonStrategyMixin as _registers_strategy_names  # noqa: F401
 
 __all__ = [
     "Encoded",

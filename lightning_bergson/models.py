@@ -20,6 +20,7 @@ from .networks import (
     config_dict,
     vocab_from_datamodule,
 )
+from .strategy import BergsonStrategyMixin as _registers_strategy_names  # noqa: F401
 
 # losses and check_model_source re-exported (their homes: losses.py, networks.py)
 __all__ = ["CausalLMModule", "batch_losses", "causal_lm_losses", "check_model_source"]

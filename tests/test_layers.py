@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "lightning_bergson"
 
@@ -96,3 +98,29 @@ def test_the_light_layers_load_neither_lightning_nor_transformers():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120, check=True, cwd=ROOT)  # fmt: skip
     assert out.stdout.strip() == "[]"
+
+
+REGISTERED = """
+import sys
+{imports}
+import lightning.pytorch as L
+trainer = L.Trainer(strategy="bergson", logger=False, enable_progress_bar=False)
+print(type(trainer.strategy).__name__)
+"""
+
+
+@pytest.mark.parametrize(
+    "imports",
+    [
+        "import lightning.pytorch; import lightning_bergson",  # Lightning first, bare package
+        "import lightning_bergson; from lightning_bergson import CausalLMModule",
+        "import lightning_bergson; from lightning_bergson import TextDataModule",
+        "from lightning_bergson import GradientCaptureCallback",
+    ],
+)
+def test_strategy_names_are_registered_without_importing_the_strategy_module(imports):
+    """README's Trainer(strategy="bergson") works after the imports a user writes anyway."""
+    code = REGISTERED.format(imports=imports)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "BergsonSingleDeviceStrategy"
