@@ -70,7 +70,9 @@ MODULES: dict[str, tuple[str, list[str]]] = {
     ),
     "ekfac_factors": (
         "lightning_bergson/ekfac/factors.py",
-        ["tests/ekfac/test_factors.py", "-k", "not non_finite and not bad_arguments"],
+        # the pure math against explicit sums and dense solves, and the toy model's closed
+        # forms (the tiny-LM fits of the other tests take ~30 s a run)
+        ["tests/ekfac/test_factors.py", "-k", "factor_math or closed_forms"],
     ),
     "magic_reverse": (
         "lightning_bergson/magic/reverse.py",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from oracles import (
@@ -19,6 +21,7 @@ from torch.utils.data import DataLoader
 
 from lightning_bergson import EkfacModule
 from lightning_bergson.ekfac import EkfacFactors, NonFiniteFactorError, Preconditioner
+from lightning_bergson.ekfac import factors as F
 from lightning_bergson.ekfac.accumulate import finalize_covariances
 
 NUM, SEQ, BATCH = 12, 10, 4
@@ -219,3 +222,120 @@ def test_bad_arguments_name_the_fix(tmp_path):
         trainer(max_epochs=ek.num_phases).fit(
             ek, DataLoader(batch_rows(lm_batch(4, SEQ)), batch_size=4)
         )
+
+
+# ------------------------------------------ factor math against explicit sums and matrices
+
+
+def _f64(rows) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+def test_factor_math_token_rows_bias_column_and_covariance():
+    x = torch.arange(12.0).reshape(2, 3, 2)  # (B=2, S=3, D=2)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    rows, count = F.masked_token_rows(x, mask)
+    want = [[0, 1], [2, 3], [0, 0], [6, 7], [0, 0], [0, 0]]
+    assert torch.equal(rows, torch.tensor(want, dtype=torch.float32))
+    assert count.dtype == torch.float64 and float(count) == 3
+    for m in (None, torch.ones(2, 2)):  # no mask, or one that is not per token: all rows
+        rows, count = F.masked_token_rows(x, m)
+        assert torch.equal(rows, x.reshape(6, 2)) and count.dtype == torch.float64
+        assert float(count) == 6
+    rows, _ = F.masked_token_rows(x, mask.double())  # a float64 mask keeps float32 rows
+    assert rows.dtype == torch.float32 and torch.equal(
+        rows, torch.tensor(want, dtype=torch.float32)
+    )
+    rows, count = F.masked_token_rows(x.double(), mask.bool())
+    assert rows.dtype == torch.float64 and float(count) == 3
+    assert torch.equal(rows[3], _f64([6, 7])) and not rows[2].any()
+
+    a = torch.tensor([[[1.0, 2.0]], [[3.0, 4.0]]])  # (2, 1, 2)
+    assert torch.equal(F.with_bias_column(a), torch.tensor([[[1.0, 2, 1]], [[3, 4, 1]]]))
+    r = _f64([[1, 2, 0], [0, 1, 3]])
+    explicit = sum(torch.outer(row, row) for row in r)
+    assert torch.equal(F.covariance_sum(r), explicit)
+
+
+def test_factor_math_eigendecomposition_in_float64():
+    # [[2, 1.5], [0.5, 2]] is symmetrized to [[2, 1], [1, 2]]: eigenvalues 1 and 3,
+    # eigenvectors (1, -1) / sqrt 2 and (1, 1) / sqrt 2
+    vals, vecs = F.eigendecompose(_f64([[2, 1.5], [0.5, 2]]), module="m", factor="f")
+    assert vals.dtype == vecs.dtype == torch.float64
+    assert torch.allclose(vals, _f64([1, 3]), atol=1e-12)
+    want = _f64([[1, 1], [-1, 1]]) / 2**0.5
+    assert torch.allclose(vecs.abs(), want.abs(), atol=1e-12)
+    assert float(vecs[0, 0] * vecs[1, 0]) < 0 < float(vecs[0, 1] * vecs[1, 1])
+    big = torch.full((2, 2), 3e38)  # float32: its sums overflow unless taken in float64
+    vals, _ = F.eigendecompose(big, module="m", factor="f")
+    top = 2 * float(big[0, 0])  # eigenvalues 0 and 2c of [[c, c], [c, c]]
+    assert abs(float(vals[0])) <= 1e-6 * top and abs(float(vals[1]) / top - 1) <= 1e-12
+    want = (
+        "EK-FAC gradient covariance of module 'mlp' has 2 non-finite (NaN/Inf) entries of 4. "
+        "The model produced NaN/Inf activations or gradients on the fitting data: check the "
+        "checkpoint and the data, run in float32 instead of float16, or exclude the module "
+        "with `exclude=[...]`."
+    )
+    with pytest.raises(NonFiniteFactorError, match=f"^{re.escape(want)}$"):
+        F.eigendecompose(_f64([[1, float("nan")], [float("inf"), 1]]), module="mlp",
+                         factor="gradient covariance")  # fmt: skip
+    with pytest.raises(NonFiniteFactorError, match=r"^EK-FAC A eigenvectors of module 'fc' has 4 "):
+        # finite, but 0.5 * (C + C^T) overflows: the decomposition is NaN
+        F.eigendecompose(torch.full((2, 2), 1e308, dtype=torch.float64), module="fc", factor="A")
+    t = _f64([1, 2])
+    assert F.check_finite(t, module="m", factor="f") is t
+
+
+def test_factor_math_gradients_rotations_and_eigenvalues():
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(3, 4, 2, generator=gen, dtype=torch.float64)  # (B, S, I)
+    g = torch.randn(3, 4, 5, generator=gen, dtype=torch.float64)  # (B, S, O)
+    explicit = torch.stack([sum(torch.outer(g[b, t], a[b, t]) for t in range(4)) for b in range(3)])
+    grads = F.per_example_gradient(a, g)
+    assert grads.shape == (3, 5, 2) and torch.allclose(grads, explicit, atol=1e-12)
+    q_s = torch.linalg.qr(torch.randn(5, 5, generator=gen, dtype=torch.float64))[0]
+    q_a = torch.linalg.qr(torch.randn(2, 2, generator=gen, dtype=torch.float64))[0]
+    rotated = F.rotate(grads, q_s, q_a)
+    for b in range(3):
+        assert torch.allclose(rotated[b], q_s.T @ grads[b] @ q_a, atol=1e-12)
+    assert torch.allclose(F.unrotate(rotated, q_s, q_a), grads, atol=1e-12)
+    lam = F.eigenvalue_correction_sum(grads, q_s, q_a)
+    assert torch.allclose(lam, sum((q_s.T @ grads[b] @ q_a) ** 2 for b in range(3)), atol=1e-12)
+    e_s, e_a = _f64([1, 2, 3, 4, 5]), _f64([10, 100])
+    outer = F.kfac_eigenvalues(e_s, e_a)
+    assert torch.equal(outer, _f64([[10 * s, 100 * s] for s in range(1, 6)]))
+
+
+def test_factor_math_damping():
+    lam = torch.tensor([[1.0, 2.0], [3.0, 6.0]])
+    assert float(F.resolve_damping(lam, 0.5, relative=True)) == 0.5 * 3.0  # times the mean
+    d = F.resolve_damping(lam.double(), 0.25, relative=False)
+    assert d.dtype == torch.float64 and d.shape == () and float(d) == 0.25
+    assert float(F.resolve_damping(lam, 0.0, relative=False)) == 0.0  # no damping is allowed
+    on_meta = F.resolve_damping(torch.ones(2, device="meta"), 0.25, relative=False)
+    assert on_meta.device.type == "meta"  # on the eigenvalues' device
+    with pytest.raises(ValueError, match=r"^damping=-0\.1 must be >= 0$"):
+        F.resolve_damping(lam, -0.1, relative=False)
+
+
+def test_factor_math_ihvps_and_self_influence_equal_dense_solves():
+    gen = torch.Generator().manual_seed(1)
+    o, i, damping = 3, 2, 0.3
+    grads = torch.randn(4, o, i, generator=gen, dtype=torch.float64)
+    q_s = torch.linalg.qr(torch.randn(o, o, generator=gen, dtype=torch.float64))[0]
+    q_a = torch.linalg.qr(torch.randn(i, i, generator=gen, dtype=torch.float64))[0]
+    lam = torch.rand(o, i, generator=gen, dtype=torch.float64) + 0.1
+    e_s = torch.rand(o, generator=gen, dtype=torch.float64) + 0.1
+    e_a = torch.rand(i, generator=gen, dtype=torch.float64) + 0.1
+    u = torch.kron(q_s, q_a)  # vec(Q_S X Q_A^T) = U vec(X), row-major vec of [O, I]
+    eye = torch.eye(o * i, dtype=torch.float64)
+    vecs = grads.reshape(4, -1).T
+    ekfac = u @ torch.diag(lam.reshape(-1)) @ u.T + damping * eye
+    want = torch.linalg.solve(ekfac, vecs).T.reshape(4, o, i)
+    assert torch.allclose(F.ekfac_ihvp(grads, q_s, q_a, lam, damping), want, atol=1e-12)
+    s_mat, a_mat = q_s @ torch.diag(e_s) @ q_s.T, q_a @ torch.diag(e_a) @ q_a.T
+    kfac = torch.kron(s_mat, a_mat) + damping * eye
+    want_k = torch.linalg.solve(kfac, vecs).T.reshape(4, o, i)
+    assert torch.allclose(F.kfac_ihvp(grads, q_s, e_s, q_a, e_a, damping), want_k, atol=1e-12)
+    self_inf = (vecs * torch.linalg.solve(ekfac, vecs)).sum(0)  # <g_i, H^-1 g_i>
+    assert torch.allclose(F.self_influence(grads, q_s, q_a, lam, damping), self_inf, atol=1e-12)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import errno
 import json
+import re
+import threading
+import warnings
 from pathlib import Path
 
 import google_crc32c
@@ -431,7 +434,10 @@ def test_write_failure_is_reported(tmp_path, monkeypatch, background):
     w = GradientStoreWriter(
         path, modules=BLOCKS, chunk_rows=8, background=background, max_pending_chunks=1
     )
-    with pytest.raises(GradientStoreWriteError, match=r"run\.zarr.*No space left.*Free disk space"):
+    tail = (
+        r"\)\. Free disk space or choose a writable path, then resume; rows up to 8 are on disk\.$"
+    )
+    with pytest.raises(GradientStoreWriteError, match=r"run\.zarr.*No space left.*" + tail):
         for i in range(20):  # the error surfaces on a later append (or on flush)
             w.append(torch.zeros(4, DIM), range(4 * i, 4 * i + 4), i, 0)
         w.flush()
@@ -530,3 +536,281 @@ def test_store_without_the_advantage_column_opens_and_resumes(tmp_path):
     assert store.num_rows == 13
     np.testing.assert_array_equal(store.advantages[-2:], [0.5, -2.0])
     assert bool(np.isnan(store.advantages[:11]).all())
+
+
+# ------------------------------------------- writer contract (from surviving mutants)
+
+
+def _attrs(path: Path, rank: int = 0) -> dict:
+    return _json(path / f"rank_{rank}" / "zarr.json")["attributes"]
+
+
+def _shape(path: Path, array: str = "gradients") -> list[int]:
+    return _json(path / "rank_0" / array / "zarr.json")["shape"]
+
+
+@pytest.mark.parametrize("kind", ["torch", "numpy"])
+def test_rows_are_rounded_once_to_the_store_dtype(tmp_path, kind):
+    # 1 + 2^-11 + 2^-40 lies just above the midpoint of the float16 neighbours 1 and
+    # 1 + 2^-10, so it rounds up; through float32 first it lands on the midpoint and ties
+    # to even (down to 1).
+    x = np.full((2, DIM), 1 + 2.0**-11 + 2.0**-40)
+    # 2^60 + 2^36 + 1 lies just above the midpoint of the float32 neighbours 2^60 and
+    # 2^60 + 2^37 (their spacing there is 2^37); through float64 it lands on the midpoint.
+    ints = np.full((2, DIM), 2**60 + 2**36 + 1, dtype=np.int64)
+    half = np.full((2, DIM), 65504, dtype=np.float16)  # float16 input, float32 store
+    cases = [("float16", x, 1 + 2.0**-10), ("float32", ints, 2.0**60 + 2.0**37)]
+    cases += [("float32", half, 65504.0)]
+    for i, (dtype, rows, want) in enumerate(cases):
+        path = tmp_path / f"{i}.zarr"
+        rows = torch.from_numpy(rows) if kind == "torch" else rows
+        w = GradientStoreWriter(path, modules=BLOCKS, dtype=dtype, background=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no overflow in a cast along the way
+            w.append(rows, example_id=[0, 1], step=0, epoch=0)
+        w.close()
+        got = GradientStore.open(path).gradients[:]
+        assert got.dtype == np.dtype(dtype)
+        assert (got.astype(np.float64) == want).all(), (dtype, got[0, 0], want)
+
+
+def test_a_given_finite_test_is_not_recomputed(tmp_path):
+    path = tmp_path / "run.zarr"
+    x = torch.ones(3, DIM)  # all finite: the caller's test is stored as it was given
+    with GradientStoreWriter(path, modules=BLOCKS, chunk_rows=4, background=False) as w:
+        w.append(x, example_id=[0, 1, 2], step=0, epoch=0, finite=[True, False, True])
+        w.append(x.numpy(), example_id=[3, 4, 5], step=0, epoch=0, finite=torch.tensor(False))
+        with pytest.raises(ValueError, match=r"^finite must have shape \[3\] \(one value"):
+            w.append(x, example_id=[0, 1, 2], step=0, epoch=0, finite=[True, True])
+    store = GradientStore.open(path)
+    np.testing.assert_array_equal(store.finite, [True, False, True, False, False, False])
+    np.testing.assert_array_equal(store.read(slice(None)), torch.ones(6, DIM))
+
+
+@pytest.mark.parametrize("column", ["example_id", "step", "epoch", "loss", "advantage"])
+def test_a_column_of_the_wrong_length_is_named(tmp_path, column):
+    kw = {"example_id": [0, 1, 2], "step": 0, "epoch": 0, column: [1, 2]}
+    w = GradientStoreWriter(tmp_path / "run.zarr", modules=BLOCKS, background=False)
+    with pytest.raises(ValueError, match=rf"^{column} must have shape \[3\] \(one value"):
+        w.append(torch.ones(3, DIM), **kw)
+    w.close()
+
+
+def test_default_chunk_rows_closed_form(tmp_path):
+    # 4 MiB of gradients per chunk, at most 8192 rows and at least 1; a smaller expected
+    # store gets the next power of two >= its rows, at least 64
+    assert store_mod.default_chunk_rows(23, "float32") == 8192
+    assert store_mod.default_chunk_rows(1000, "float32") == 4194304 // 4000 == 1048
+    assert store_mod.default_chunk_rows(2**21 + 1, "float16") == 1  # one row > 4 MiB
+    cases = {0: 64, 1: 64, 64: 64, 65: 128, 100: 128, 3000: 4096, 8191: 8192, 9000: 8192}
+    for expected, rows in cases.items():
+        assert store_mod.default_chunk_rows(23, "float32", expected) == rows, expected
+    for expected, rows in {1000: 1024, 1040: 1048, 2000: 1048}.items():
+        assert store_mod.default_chunk_rows(1000, "float32", expected) == rows, expected
+    for expected, rows in {None: 8192, 0: 64, 100: 128}.items():
+        w = GradientStoreWriter(tmp_path / f"{expected}.zarr", modules=BLOCKS,
+                                dtype="float32", expected_rows=expected)  # fmt: skip
+        assert w.chunk_rows == rows
+        w.close()
+    with pytest.raises(ValueError, match=r"^expected_rows must be >= 0; got -1$"):
+        GradientStoreWriter(tmp_path / "bad.zarr", modules=BLOCKS, expected_rows=-1)
+
+
+def test_arrays_are_sized_up_front_and_grow_by_doubling(tmp_path):
+    path = tmp_path / "run.zarr"
+    kw = {"modules": BLOCKS, "dtype": "float32", "chunk_rows": 4, "background": False}
+    w = GradientStoreWriter(path, **kw)
+    assert _shape(path) == [0, DIM] and _shape(path, "example_id") == [0]
+    shapes = []
+    for i in range(5):  # one whole chunk per append, written at once
+        w.append(torch.full((4, DIM), float(i)), range(4 * i, 4 * i + 4), i, 0)
+        shapes.append(_shape(path, "step")[0])
+    assert shapes == [4, 8, 16, 16, 32]  # max(rows, 2 * old rows) when they do not fit
+    w.close()
+    assert _shape(path) == [20, DIM] and _shape(path, "step") == [20]
+    w = GradientStoreWriter(tmp_path / "sized.zarr", expected_rows=8, **kw)
+    assert _shape(tmp_path / "sized.zarr") == [8, DIM]
+    w.append(torch.ones(8, DIM), range(8), 0, 0)
+    assert _shape(tmp_path / "sized.zarr") == [8, DIM]  # no resize while writing
+    w.close()
+
+
+def test_a_whole_chunk_is_written_as_soon_as_it_is_complete(tmp_path):
+    path = tmp_path / "run.zarr"
+    data = torch.randn(15, DIM)
+    w = GradientStoreWriter(path, modules=BLOCKS, dtype="float32", chunk_rows=4,
+                            background=False)  # fmt: skip
+    committed = []
+    for start, stop, flush in [(0, 4, 0), (4, 6, 1), (6, 8, 0), (8, 14, 0), (14, 15, 0)]:
+        w.append(data[start:stop], range(start, stop), 0, 0)
+        if flush:
+            w.flush()
+        committed.append((w.committed_rows, _attrs(path)["committed_rows"]))
+    # chunk 0 at once; 2 rows flushed; the 2 rows that fill chunk 1 at once; chunk 2 of the
+    # next 6 rows at once (2 buffered); one more buffered row writes nothing
+    assert committed == [(4, 4), (6, 6), (8, 8), (12, 12), (12, 12)]
+    assert w.flush() == 15
+    w.close()
+    store = GradientStore.open(path)
+    np.testing.assert_array_equal(store.read(slice(None)), data)
+    np.testing.assert_array_equal(store.example_ids, np.arange(15))
+
+
+def test_skipped_rows_are_recorded_with_the_next_rows_at_close_and_after_reopen(tmp_path):
+    path = tmp_path / "run.zarr"
+    w = GradientStoreWriter(path, modules=BLOCKS, chunk_rows=4, background=False)
+    w.record_skipped(np.array([[3, 1], [3, 7]]), step=2, epoch=1)
+    w.append(torch.ones(4, DIM), range(4), 2, 1)  # one whole chunk: written with the records
+    assert _attrs(path)["skipped"] == [[3, 2, 1], [1, 2, 1], [7, 2, 1]]
+    w.record_skipped(5, step=4, epoch=0)
+    w.record_skipped(torch.tensor([3]), step=2, epoch=1)  # a repeat is kept once
+    w.close()
+    assert _attrs(path)["skipped"] == [[3, 2, 1], [1, 2, 1], [7, 2, 1], [5, 4, 0]]
+    assert _attrs(path)["complete"] is True
+    w = GradientStoreWriter.reopen(path, committed_rows=4, background=False)
+    assert _attrs(path)["complete"] is False  # the rank too, not only the root
+    w.record_skipped([9], step=5, epoch=1)
+    w.close()
+    assert _attrs(path)["skipped"] == [[3, 2, 1], [1, 2, 1], [7, 2, 1], [5, 4, 0], [9, 5, 1]]
+
+
+def test_the_writer_thread_is_a_daemon_named_for_the_store(tmp_path):
+    path = tmp_path / "run.zarr"
+    for reopen in (False, True):
+        before = set(threading.enumerate())
+        if reopen:
+            w = GradientStoreWriter.reopen(path, committed_rows=2)
+        else:
+            w = GradientStoreWriter(path, modules=BLOCKS)  # background by default
+        new = set(threading.enumerate()) - before
+        ours = [t for t in new if not t.name.startswith(("asyncio", "zarr"))]  # not zarr's I/O
+        seen = [(t.name, t.daemon) for t in ours]
+        w.append(torch.ones(2, DIM), [0, 1], 0, 0)
+        w.close()  # before asserting: a non-daemon thread left running would hang pytest
+        assert seen == [("gradient-store", True)]
+        assert not any(t.is_alive() for t in ours)
+    assert len(GradientStore.open(path)) == 4
+
+
+def test_a_reopened_float16_store_clamps_to_float16(tmp_path):
+    path = tmp_path / "run.zarr"
+    GradientStoreWriter(path, modules=BLOCKS, dtype="float16").close()
+    w = GradientStoreWriter.reopen(path, committed_rows=0, background=False)
+    w.append(torch.full((2, DIM), 1e6), [0, 1], 0, 0)
+    w.close()
+    store = GradientStore.open(path)
+    assert store.dtype == np.float16 and (store.gradients[:] == 65504).all()
+    assert store.finite.all()
+
+
+def test_writer_argument_errors_name_the_fix(tmp_path):
+    p = tmp_path / "run.zarr"
+    with pytest.raises(ValueError, match=r"^need 0 <= rank < world_size; got rank=2, world=2$"):
+        GradientStoreWriter(p, modules=BLOCKS, rank=2, world_size=2)
+    with pytest.raises(ValueError, match="need 0 <= rank < world_size"):
+        GradientStoreWriter(p, modules=BLOCKS, rank=0, world_size=0)
+    for kw in ({"chunk_rows": -1}, {"max_pending_chunks": 0}):
+        with pytest.raises(ValueError, match=r"^chunk_rows and max_pending_chunks must be >= 1$"):
+            GradientStoreWriter(p, modules=BLOCKS, **kw)
+    with pytest.raises(ValueError, match="apply to URLs only"):
+        GradientStoreWriter(p, modules=BLOCKS, storage_options={"anon": True})
+    w = GradientStoreWriter(p, modules=BLOCKS, chunk_rows=1, dtype="float32", background=False)
+    w.append(torch.arange(3.0)[:, None].expand(3, DIM), [0, 1, 2], 0, 0)
+    with pytest.raises(ValueError, match=r"^num_rows must be in \[0, 3\]; got 4$"):
+        w.truncate(4)
+    w.truncate(0)
+    assert w.committed_rows == 0 and _attrs(p)["committed_rows"] == 0
+    w.append(torch.full((2, DIM), 7.0), [5, 6], 1, 0)
+    w.truncate(1)
+    assert _attrs(p)["committed_rows"] == 1
+    w.close()
+    np.testing.assert_array_equal(
+        GradientStore.open(p).read(slice(None)), torch.full((1, DIM), 7.0)
+    )
+    with pytest.raises(ValueError, match="apply to URLs only"):
+        GradientStoreWriter.reopen(p, committed_rows=0, storage_options={"anon": True})
+    two = tmp_path / "two.zarr"  # rank 1 of 2 never wrote
+    GradientStoreWriter(two, modules=BLOCKS, world_size=2, background=False).close()
+    with pytest.raises(FileNotFoundError, match=r"^\S+two\.zarr has no group rank_1 to reopen$"):
+        GradientStoreWriter.reopen(two, rank=1, committed_rows=0)
+    w = GradientStoreWriter.reopen(p, committed_rows=0, background=False)  # 0 rows is a resume
+    w.close()
+    assert len(GradientStore.open(p)) == 0
+
+
+def test_existing_paths_are_refused_with_the_whole_reason(tmp_path):
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    for name in "gfedcba":
+        (junk / name).write_text("x")
+    want = (f"{junk} exists and is not a gradient store (unexpected: ['a', 'b', 'c', 'd', "
+            "'e']); refusing to use or delete it. Choose another path.")  # fmt: skip
+    with pytest.raises(FileExistsError, match=f"^{re.escape(want)}$"):
+        GradientStoreWriter(junk, modules=BLOCKS)
+    path = tmp_path / "run.zarr"
+    kw = {"modules": BLOCKS, "world_size": 2, "background": False}
+    GradientStoreWriter(path, rank=1, **kw).close()  # rank 1 may come before rank 0
+    GradientStoreWriter(path, rank=0, **kw).close()
+    assert GradientStore.open(path).complete
+    want = (f"A gradient store already exists at {path}; pass overwrite=True to replace it or "
+            "choose another path.")  # fmt: skip
+    for rank in (0, 1):  # rank 1 finds its own group
+        with pytest.raises(FileExistsError, match=f"^{re.escape(want)}$"):
+            GradientStoreWriter(path, rank=rank, **kw)
+
+
+def test_a_read_only_parent_is_refused_before_overwrite_or_reopen(tmp_path, monkeypatch):
+    import lightning_bergson.store.schema as schema
+
+    path = tmp_path / "run.zarr"
+    ref = _write(path, [5])
+    real = schema.os.access
+    for locked in (tmp_path, path):  # the store's parent (overwrite), rank_0's (reopen)
+        monkeypatch.setattr(schema.os, "access", lambda p, m, d=locked: Path(p) != d and real(p, m))
+        with pytest.raises(
+            GradientStoreWriteError, match=rf"{re.escape(str(locked))} is read-only"
+        ):
+            if locked == tmp_path:
+                GradientStoreWriter(path, modules=BLOCKS, overwrite=True)
+            else:
+                GradientStoreWriter.reopen(path, committed_rows=0)
+        monkeypatch.setattr(schema.os, "access", real)
+        store = GradientStore.open(path)  # nothing was changed
+        assert store.complete and len(store) == 5
+        np.testing.assert_array_equal(store.example_ids, ref["example_id"])
+
+
+def test_a_failed_group_creation_says_what_to_do(tmp_path, monkeypatch):
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store_mod.zarr, "create_group", full)
+    path = tmp_path / "run.zarr"
+    want = (f"Cannot create a gradient store at {path}: [Errno 28] No space left on device. "
+            "Choose a writable path.")  # fmt: skip
+    with pytest.raises(GradientStoreWriteError, match=f"^{re.escape(want)}$"):
+        GradientStoreWriter(path, modules=BLOCKS)
+
+
+def test_arrays_state_their_fill_values_and_dimension_names(tmp_path):
+    path = tmp_path / "run.zarr"
+    _write(path, [3], dtype="float32")
+    fills = {"gradients": 0.0, "example_id": 0, "step": 0, "epoch": 0, "loss": 0.0,
+             "finite": False, "advantage": "NaN"}  # fmt: skip
+    for name, fill in fills.items():
+        arr = _json(path / "rank_0" / name / "zarr.json")
+        assert arr["fill_value"] == fill, name
+        assert arr["dimension_names"] == (["row", "column"] if name == "gradients" else ["row"])
+
+
+def test_reopening_an_old_store_stores_every_chunk_of_the_new_column(tmp_path):
+    import shutil
+
+    from lightning_bergson.store import verify_store
+
+    path = tmp_path / "old.zarr"
+    _write(path, [5, 6], dtype="float32")  # 11 rows: chunks 0 and 1 of 8 rows
+    shutil.rmtree(path / "rank_0" / "advantage")
+    GradientStoreWriter.reopen(path, committed_rows=11, background=False).close()
+    assert sorted(p.name for p in (path / "rank_0" / "advantage" / "c").iterdir()) == ["0", "1"]
+    assert verify_store(path, progress=False).ok
