@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import queue
 import threading
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -110,6 +111,18 @@ def _resize_rows(arrays: dict[str, zarr.Array], num_rows: int) -> None:
             arr.resize((num_rows, *arr.shape[1:]))
 
 
+def _delete_replaced(old: Location) -> None:
+    """Delete a store moved aside by ``overwrite``; failing to is not a reason to stop writing."""
+    try:
+        old.remove()
+    except OSError as err:
+        warnings.warn(
+            f"could not delete the replaced gradient store {old.url} ({err}); it holds no "
+            "data of the new store: delete it by hand",
+            stacklevel=2,
+        )
+
+
 def _rank_complete(location: Location, rank: int) -> bool:
     attrs = _read_attrs(location / f"rank_{rank}")
     return bool(attrs and attrs.get("complete"))
@@ -191,14 +204,12 @@ class GradientStoreWriter:
         # Off the caller's path (a fit's first steps run meanwhile): deleting a replaced
         # store and creating the arrays are the writer thread's first tasks, so they are
         # done before any rows are written and, at the latest, by flush() and close().
-        if self._thread is None:
-            for old in discard:
-                old.remove()
-            self._create_arrays()
-            return
         for old in discard:
-            self._submit_task(old.remove)
-        self._submit_task(self._create_arrays)
+            self._submit_task(functools.partial(_delete_replaced, old))
+        if self._thread is None:
+            self._create_arrays()  # raises the creation error itself
+        else:
+            self._submit_task(self._create_arrays)
 
     def _setup(
         self,

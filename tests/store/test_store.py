@@ -814,3 +814,27 @@ def test_reopening_an_old_store_stores_every_chunk_of_the_new_column(tmp_path):
     GradientStoreWriter.reopen(path, committed_rows=11, background=False).close()
     assert sorted(p.name for p in (path / "rank_0" / "advantage" / "c").iterdir()) == ["0", "1"]
     assert verify_store(path, progress=False).ok
+
+
+def test_a_replaced_store_that_cannot_be_deleted_warns_and_the_new_store_is_written(
+    tmp_path, monkeypatch
+):
+    from lightning_bergson.store.location import Location
+
+    path = tmp_path / "run.zarr"
+    _write(path, [4], seed=1)
+    real_remove = Location.remove
+
+    def refuse_aside(self):
+        if ".replaced-" in self.url:
+            raise OSError(errno.EACCES, "Permission denied")
+        real_remove(self)
+
+    monkeypatch.setattr(Location, "remove", refuse_aside)
+    with pytest.warns(
+        UserWarning,
+        match=r"could not delete the replaced gradient store .*"
+        r"\.run\.zarr\.replaced-.*Permission denied",
+    ):
+        ref = _write(path, [3], seed=2, overwrite=True)
+    np.testing.assert_array_equal(GradientStore.open(path).example_ids, ref["example_id"])
