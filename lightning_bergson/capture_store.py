@@ -135,13 +135,12 @@ class CaptureStore:
     def append(self, rows: BatchRows, info: BatchInfo, *, track_order: bool) -> None:
         """Append one micro-batch's rows (step and epoch ``-1`` without ``track_order``)."""
         assert self.writer is not None, "the store opens in on_train_start"
-        batch = len(rows.example_id)
         step, epoch = (info.step, info.epoch) if track_order else (-1, -1)
         self.writer.append(
             rows.grads,
             rows.example_id,
-            torch.full((batch,), step, dtype=torch.int64),
-            torch.full((batch,), epoch, dtype=torch.int32),
+            step,  # a scalar: the writer broadcasts it to every row
+            epoch,
             rows.loss,
             rows.advantage,
             finite=rows.finite,

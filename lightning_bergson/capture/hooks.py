@@ -93,6 +93,8 @@ class _Plan:
         order = head_cfg.permutation(split_size) if head_cfg else None
         self.perm = None if order is None else torch.tensor(order)
         self.num_heads = head_cfg.num_heads if head_cfg else 1
+        # One block, no head permutation, a plain matmul layer: the collector's fast path.
+        self.simple = self.conv is None and self.groups == 1 and head_cfg is None
         self.split_output = head_cfg is None or head_cfg.axis == "output"
         heads = self.num_heads
         self.head_out = out_f // heads if self.split_output else out_f
@@ -214,6 +216,8 @@ class GradientCollector:
         self.leaf_outputs = leaf_outputs
         self.stack_layers = stack_layers
         self.enabled = True
+        # Per module, the matrices of the plain path (see ``_plain``), keyed by dtype/device.
+        self._plain_cache: dict[tuple, tuple[Tensor, Tensor | None, Tensor]] = {}
         self.gradients: dict[str, Tensor] = {}
         self._pending: list[tuple[str, Tensor, Tensor]] = []
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
@@ -236,6 +240,10 @@ class GradientCollector:
                     f"(out, in{' + bias' if plan.bias else ''})"
                 )
         self.normalizers = dict(normalizers)
+        # Which modules take the plain path depends on the normalizers.
+        self._plain_names = {
+            name for name, plan in self.plans.items() if plan.simple and name not in normalizers
+        }
 
     def __enter__(self) -> GradientCollector:
         for name, mod in self.modules.items():
@@ -265,6 +273,16 @@ class GradientCollector:
             # operations on the output stay legal (they would not be on the leaf itself).
             output = replaced = output.detach().requires_grad_().clone()
         a = inputs[0].detach()
+        if name in self._plain_names and self.projection_dim and not self.defer:
+            # The common case in fewer Python steps (same operations as the general path
+            # below, so the same rows bit for bit): one head, no normalizer, no convolution.
+            dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
+            right, bias, _ = self._plain(name, dtype, a.device)
+            a = a.reshape(a.shape[0], -1, a.shape[-1])
+            ar = (a if a.dtype == dtype else a.to(dtype)) @ right  # (B, S, p)
+            ar = ar if bias is None else ar + bias
+            output.register_hook(partial(self._plain_grad_hook, name, ar))
+            return replaced
         if self._early(name):
             # Project the input now, while it is hot in cache: the backward needs only
             # ``a R^T`` [B, S, p] per head, and it is kept instead of ``a`` [B, S, I].
@@ -288,6 +306,31 @@ class GradientCollector:
             and plan.groups == 1
             and (norm is None or isinstance(norm, AdafactorNormalizer))
         )
+
+    def _plain(self, name: str, dtype: torch.dtype, device: torch.device) -> tuple:
+        """``(R^T [I, p], bias column of R [p] or None, L^T [O, p])`` of a plain module."""
+        key = (name, dtype, device)
+        mats = self._plain_cache.get(key)
+        if mats is None:
+            plan, like = self.plans[name], torch.empty(0, dtype=dtype, device=device)
+            right = self._matrices(plan, "right", plan.head_in, like)[0]  # (p, I[+1])
+            bias = right[:, -1] if plan.bias else None
+            right = right[:, :-1] if plan.bias else right
+            left = self._matrices(plan, "left", plan.head_out, like)[0]  # (p, O)
+            mats = self._plain_cache[key] = (right.T, bias, left.T)
+        return mats
+
+    def _plain_grad_hook(self, name: str, ar: Tensor, g: Tensor) -> None:
+        """The backward half of the plain path: ``vec((g L^T)^T (a R^T))``."""
+        dtype = ar.dtype if g.dtype != torch.float64 else torch.float64
+        g = g.detach().reshape(g.shape[0], -1, g.shape[-1])  # (B, S, O)
+        if g.dtype != dtype:
+            g = g.to(dtype)
+        if ar.dtype != dtype:
+            ar = ar.to(dtype)
+        left = self._plain(name, dtype, g.device)[2]
+        out = (g @ left).transpose(1, 2) @ ar  # (B, p, p)
+        self._deliver(name, [out.reshape(out.shape[0], -1)])
 
     def _grad_hook(self, name: str, a: Tensor, g: Tensor) -> None:
         if self.defer:

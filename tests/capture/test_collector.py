@@ -445,3 +445,33 @@ def test_disabled_collector_and_no_grad_capture_nothing(tiny_lm, lm_data):
         c.enabled = False
         tiny_lm(input_ids=lm_data["input_ids"]).logits.sum().backward()
     assert c.gradients == {}
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_plain_fast_path_gives_the_general_paths_rows_bit_for_bit(tiny_lm, lm_data, bias, dtype):
+    """One-head modules without a normalizer take a shorter path in the hooks; with that
+    path switched off the same modules go through the general one: rows must be identical."""
+    model = tiny_lm.to(dtype)
+    try:
+        fast = collect(model, lm_data, projection_dim=4, seed=3, include_bias=bias)
+        with GradientCollector(model, projection_dim=4, seed=3, include_bias=bias) as col:
+            assert col._plain_names == set(col.plans)  # every module of this model is plain
+            col._plain_names = set()
+            out = model(input_ids=lm_data["input_ids"], attention_mask=lm_data["attention_mask"])
+            example_losses(out.logits, lm_data["labels"], "sum").sum().backward()
+        assert fast.keys() == col.gradients.keys()
+        for name, rows in fast.items():
+            assert rows.dtype == dtype
+            assert torch.equal(rows, col.gradients[name]), name
+    finally:
+        tiny_lm.float()
+
+
+def test_a_normalizer_or_heads_take_the_module_off_the_plain_path(tiny_lm):
+    cfg = HeadConfig(2, tiny_lm.config.hidden_size * 3 // 2)
+    col = GradientCollector(tiny_lm, projection_dim=4, head_cfgs={QKV: cfg})
+    assert QKV not in col._plain_names and DENSE in col._plain_names
+    hidden = tiny_lm.config.hidden_size
+    col.set_normalizers({DENSE: AdafactorNormalizer(torch.ones(hidden), torch.ones(hidden))})
+    assert DENSE not in col._plain_names and MLP in col._plain_names

@@ -838,3 +838,63 @@ def test_a_replaced_store_that_cannot_be_deleted_warns_and_the_new_store_is_writ
     ):
         ref = _write(path, [3], seed=2, overwrite=True)
     np.testing.assert_array_equal(GradientStore.open(path).example_ids, ref["example_id"])
+
+
+def test_a_failing_array_write_among_the_concurrent_ones_is_raised_and_committed_rows_stay(
+    tmp_path, monkeypatch
+):
+    # The rows of a chunk go to all arrays at once; a failure of any one of them (here the
+    # loss column of the second chunk) must surface as the writer's error, with the rows
+    # committed before it intact and readable.
+    from zarr.core.array import AsyncArray
+
+    real = AsyncArray.setitem
+    fail = {"on": False}
+
+    async def setitem(self, selection, value, *args, **kwargs):
+        if fail["on"] and self.basename == "loss":
+            raise OSError(errno.EIO, "Input/output error")
+        return await real(self, selection, value, *args, **kwargs)
+
+    monkeypatch.setattr(AsyncArray, "setitem", setitem)
+    path = tmp_path / "run.zarr"
+    w = GradientStoreWriter(path, modules=BLOCKS, chunk_rows=8, background=False)
+    g = torch.randn(8, DIM)
+    w.append(g, example_id=range(8), step=0, epoch=0, loss=torch.arange(8.0))
+    w.flush()
+    fail["on"] = True
+    with pytest.raises(GradientStoreWriteError, match=r"run\.zarr.*Input/output error"):
+        w.append(torch.ones(8, DIM), example_id=range(8, 16), step=1, epoch=0)
+        w.flush()
+    assert w.committed_rows == 8
+    w.abort()
+    monkeypatch.setattr(AsyncArray, "setitem", real)
+    with pytest.warns(IncompleteStoreWarning):
+        store = GradientStore.open(path)
+    assert len(store) == 8
+    np.testing.assert_array_equal(store.gradients[:], g.numpy().astype(np.float16))
+    np.testing.assert_array_equal(store.losses, np.arange(8.0, dtype=np.float32))
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+@pytest.mark.parametrize("source", ["float32", "float64"])
+def test_tensor_and_numpy_rows_are_stored_byte_for_byte_alike(tmp_path, dtype, source):
+    # Torch tensors take a torch cast, numpy arrays numpy's clip and cast: the stored bytes
+    # must not depend on which, including NaN, +-inf, float16 overflow (clamped to +-65504),
+    # the float16 boundary itself and subnormals.
+    gen = torch.Generator().manual_seed(3)
+    x = (torch.randn(6, DIM, generator=gen) * 10.0 ** torch.arange(-8, 4, 2)[:, None]).to(
+        getattr(torch, source)
+    )
+    x[0, :6] = torch.tensor([float("nan"), float("inf"), -float("inf"), 65504, 65520, -7e4])
+    x[1, :4] = torch.tensor([6e-8, 3e-8, -5.9e-8, 1e-45])
+    got = {}
+    for kind, rows in [("torch", x), ("numpy", x.numpy())]:
+        path = tmp_path / f"{kind}.zarr"
+        with GradientStoreWriter(path, modules=BLOCKS, dtype=dtype, background=False) as w:
+            w.append(rows, example_id=range(6), step=0, epoch=0)
+        store = GradientStore.open(path)
+        got[kind] = (store.gradients[:], store.finite)
+    assert got["torch"][0].tobytes() == got["numpy"][0].tobytes()
+    np.testing.assert_array_equal(got["torch"][1], got["numpy"][1])
+    np.testing.assert_array_equal(got["torch"][1], [False, True, True, True, True, True])
