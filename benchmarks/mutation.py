@@ -76,7 +76,7 @@ MODULES: dict[str, tuple[str, list[str]]] = {
     ),
     "magic_reverse": (
         "lightning_bergson/magic/reverse.py",
-        ["tests/magic/test_finite_differences.py"],
+        ["tests/magic/test_reverse_oracle.py"],
     ),
 }
 
