@@ -7,7 +7,8 @@ capture / plain time (a pair runs back to back, so slow drifts of a shared machi
 cancel); the ratio of the median times is printed beside it.
 
 Run: ``python benchmarks/capture_overhead.py`` (``--help`` for sizes). Prints the
-wall-time ratio (target <= 1.05), rows/s and MB/s written. ``--short`` is a short fit
+wall-time ratio (target <= 1.05), rows/s and MB/s written, and the floor: the time of the
+projection matmuls alone (no hooks) as a ratio to a plain step. ``--short`` is a short fit
 (32 steps of a small model, the callback's defaults: projection 16, no normalizer) where
 the fixed costs per fit (store creation, writer thread, close) weigh most.
 """
@@ -113,6 +114,39 @@ def run(args: argparse.Namespace, capture_dir: Path | None) -> tuple[float, floa
     return time.perf_counter() - start, time.process_time() - cpu, clock.per_step
 
 
+def projection_floor(args: argparse.Namespace, parents: list[str], repeats: int = 9) -> float:
+    """Seconds per step of the projection matmuls alone, no hooks: for each captured module,
+    ``x @ R^T``, ``g @ L^T`` and the per-example ``(g L^T)^T (x R^T)`` on random tensors of
+    the step's shapes, as the collector computes them (median of ``repeats`` steps).
+
+    The projected row of a module is ``L G_i R^T`` with ``G_i = sum_t g_t x_t^T``; this
+    factorized form is the cheapest exact one (``2 p (in + out)`` multiply-adds per token
+    and module), so this time is a floor of any exact capture on this hardware.
+    """
+    net = make_module(args).model
+    assert net is not None
+    linears = dict(net.named_modules())
+    b, s, p = args.batch_size, args.seq_len, args.projection_dim if not args.short else 16
+    shapes = [(linears[n].in_features, linears[n].out_features) for n in parents]
+    gen = torch.Generator().manual_seed(0)
+    tensors = [
+        (
+            torch.randn(b, s, i, generator=gen),
+            torch.randn(b, s, o, generator=gen),
+            torch.randn(p, i, generator=gen),
+            torch.randn(p, o, generator=gen),
+        )
+        for i, o in shapes
+    ]
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for x, g, right, left in tensors:
+            torch.bmm((g @ left.T).transpose(1, 2), x @ right.T)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -190,6 +224,13 @@ def main() -> None:
             f"per-step ratio  {steady:.3f}  (steady state, steps {args.steps // 4}-"
             f"{args.steps - 1}, per pair; medians {statistics.median(step_plain) * 1e3:.1f} / "
             f"{statistics.median(step_cap) * 1e3:.1f} ms per step)"
+        )
+        parents = list(dict.fromkeys(m.parent for m in store.modules))
+        floor = projection_floor(args, parents)
+        step = statistics.median(step_plain)
+        print(
+            f"projection floor {floor * 1e3:.1f} ms per step = {1 + floor / step:.3f} of a plain "
+            f"step (the {len(parents)} modules' projection matmuls alone, no hooks)"
         )
         print(
             f"written         {len(store)} rows x {store.dim} ({store.dtype}), "

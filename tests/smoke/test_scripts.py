@@ -38,7 +38,8 @@ def test_capture_overhead(tmp_path):
         "benchmarks/capture_overhead.py", *TINY_LM, "--heads", "2", "--batch-size", "2",
         "--steps", "2", "--repeats", "1", "--threads", "1", cwd=tmp_path,
     )  # fmt: skip
-    for line in ("plain fit", "fit + capture", "overhead ratio", "CPU time ratio", "written"):
+    lines = ("plain fit", "fit + capture", "overhead ratio", "CPU time ratio", "projection floor")
+    for line in (*lines, "written"):
         assert line in out, line
     assert "written         4 rows x" in out  # 2 steps of 2 examples
 
