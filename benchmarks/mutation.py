@@ -11,11 +11,17 @@ Slow (minutes per module on 2 cores) and not part of CI:
     python benchmarks/mutation.py                       # every module
     python benchmarks/mutation.py scaling projection    # some
     python benchmarks/mutation.py scaling --show        # and each survivor's diff
+    python benchmarks/mutation.py hooks --mutants @survivors.txt   # only these (names or
+                                                        # globs; @FILE: one per line)
+
+``--mutants`` reruns named mutants (e.g. an earlier run's survivors, after new tests) and
+counts only them.
 """
 
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import shutil
 import subprocess
@@ -118,17 +124,24 @@ def mutmut(work: Path, *args: str, check: bool = True) -> str:
     return proc.stdout
 
 
-def run_module(name: str, jobs: int, show: bool) -> dict:
-    """Mutate one module in a fresh copy; its counts, kill rate and survivors."""
+def run_module(name: str, jobs: int, show: bool, mutants: list[str] | None = None) -> dict:
+    """Mutate one module in a fresh copy; its counts, kill rate and survivors.
+
+    With ``mutants`` (names or globs), only those are run and counted.
+    """
     target, selection = MODULES[name]
     with tempfile.TemporaryDirectory(prefix=f"mutation_{name}_") as tmp:
         work = Path(tmp)
         copy_checkout(work)
         configure(work, target, selection)
-        mutmut(work, "run", "--max-children", str(jobs), check=False)
+        mutmut(work, "run", "--max-children", str(jobs), *(mutants or []), check=False)
         mutmut(work, "export-cicd-stats")
         stats = json.loads((work / "mutants" / "mutmut-cicd-stats.json").read_text())
         results = mutmut(work, "results", "--all", "true").splitlines()
+        if mutants:  # count only the named ones, from their results
+            results = [ln for ln in results if _named(ln.split(":")[0].strip(), mutants)]
+            status = [ln.rsplit(":", 1)[1].strip() for ln in results]
+            stats = {k: status.count(v) for k, v in _STATUS.items()} | {"total": len(results)}
         survivors = [ln.split(":")[0].strip() for ln in results if ln.endswith(": survived")]
         untested = [ln.split(":")[0].strip() for ln in results if ln.endswith(": no tests")]
         diffs = {m: _diff(mutmut(work, "show", m)) for m in survivors + untested} if show else {}
@@ -147,6 +160,30 @@ def run_module(name: str, jobs: int, show: bool) -> dict:
     }
 
 
+_STATUS = {
+    "killed": "killed",
+    "survived": "survived",
+    "no_tests": "no tests",
+    "timeout": "timeout",
+    "segfault": "segfault",
+}
+
+
+def _named(mutant: str, patterns: list[str]) -> bool:
+    return any(mutant == p or fnmatch.fnmatchcase(mutant, p) for p in patterns)
+
+
+def _read_mutants(values: list[str]) -> list[str]:
+    """Names and globs, ``@FILE`` expanded to its non-empty lines."""
+    names = []
+    for v in values:
+        if v.startswith("@"):
+            names += [ln.strip() for ln in Path(v[1:]).read_text().splitlines() if ln.strip()]
+        else:
+            names.append(v)
+    return names
+
+
 def _diff(text: str) -> str:
     return "\n".join(ln for ln in text.splitlines() if ln.startswith(("-  ", "+  ", "- ", "+ ")))
 
@@ -157,13 +194,21 @@ def main() -> None:
     p.add_argument("--jobs", type=int, default=2, help="mutants tested at once")
     p.add_argument("--show", action="store_true", help="print each survivor's diff")
     p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument(
+        "--mutants",
+        nargs="+",
+        help="only these mutants (names or globs, @FILE for one per line); one module only",
+    )
     args = p.parse_args()
+    mutants = _read_mutants(args.mutants) if args.mutants else None
+    if mutants and len(args.modules) != 1:
+        p.error("--mutants needs exactly one module")
     unknown = sorted(set(args.modules) - set(MODULES))
     if unknown:
         p.error(f"unknown modules {unknown}; choose from {', '.join(MODULES)}")
     rows = []
     for name in args.modules or list(MODULES):
-        res = run_module(name, args.jobs, args.show)
+        res = run_module(name, args.jobs, args.show, mutants)
         rows.append(res)
         print(
             f"{name:16} {res['total']:4d} mutants  killed {res['killed']:4d}  survived "
