@@ -54,6 +54,10 @@ from .selection import features as _features
 
 __all__ = ["DEFAULT_EXCLUDE", "Block", "GradientCollector", "select_modules", "trackable_modules"]
 
+# Numbers (inputs plus output gradients) of one stack of layers: its float32 copies are at
+# most 512 MiB; further layers of the same shapes start a new stack.
+_STACK_NUMEL = 2**27
+
 Closure = Callable[[str, Tensor], None]
 
 
@@ -363,7 +367,7 @@ class GradientCollector:
             if key is not None:  # cap a stack's float32 copies at 512 MiB
                 numel = item[1].numel() + item[2].numel()
                 sizes[key] = sizes.get(key, 0) + numel
-                key = (*key, sizes[key] // (2**27))
+                key = (*key, sizes[key] // _STACK_NUMEL)
             groups.setdefault(key if key is not None else (id(item),), []).append(item)
         return list(groups.values())
 

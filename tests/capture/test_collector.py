@@ -475,3 +475,162 @@ def test_a_normalizer_or_heads_take_the_module_off_the_plain_path(tiny_lm):
     hidden = tiny_lm.config.hidden_size
     col.set_normalizers({DENSE: AdafactorNormalizer(torch.ones(hidden), torch.ones(hidden))})
     assert DENSE not in col._plain_names and MLP in col._plain_names
+
+
+def _deferred(model, data, norms=None, take=False, **kwargs):
+    """Rows of the deferred path: captured in backward, processed after ``set_normalizers``;
+    with ``take`` the triples are handed over first and passed back explicitly."""
+    got = {}
+    with GradientCollector(
+        model, defer=True, closure=lambda k, r: got.__setitem__(k, r), **kwargs
+    ) as c:
+        out = model(input_ids=data["input_ids"], attention_mask=data["attention_mask"])
+        example_losses(out.logits, data["labels"]).sum().backward()
+        c.set_normalizers(norms or {})
+        if take:
+            pending = c.take_pending()
+            assert c.take_pending() == []  # handed over, not kept
+            c.process_pending(pending)
+        else:
+            c.process_pending()
+    return got
+
+
+@pytest.mark.parametrize("take", [False, True])
+@pytest.mark.parametrize("stack", [None, False])
+def test_deferred_rows_of_every_module_equal_the_immediate_ones(tiny_lm, lm_data, take, stack):
+    # Unstacked (the CPU default), every module is processed on its own and delivered.
+    want = collect(tiny_lm, lm_data, projection_dim=4, seed=2)
+    got = _deferred(tiny_lm, lm_data, take=take, projection_dim=4, seed=2, stack_layers=stack)
+    assert sorted(got) == sorted(want) and len(got) == 8
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-6, atol=1e-7)
+
+
+def test_layers_are_stacked_on_accelerators_only_and_only_plain_projected_ones(tiny_lm):
+    from lightning_bergson.capture import hooks
+
+    cpu, meta = torch.device("cpu"), torch.device("meta")
+
+    def key(name, device, **kwargs):
+        c = GradientCollector(tiny_lm, **{"projection_dim": 4, "defer": True, **kwargs})
+        plan = c.plans[name]
+        a = torch.empty(2, 5, plan.in_f - plan.bias, device=device)
+        g = torch.empty(2, 5, plan.out_f, device=device)
+        return c._stack_key(name, a, g)
+
+    assert key(MLP, meta) is not None  # default: stacked on an accelerator
+    assert key(MLP, cpu) is None  # and not on the CPU
+    assert key(MLP, cpu, stack_layers=True) is not None
+    assert key(MLP, meta, stack_layers=False) is None
+    assert key(MLP, meta, projection_dim=0) is None  # exact rows are never stacked
+    o, i = tiny_lm.get_submodule(MLP).weight.shape
+    adam = {MLP: AdamNormalizer(torch.ones(o, i))}
+    factored = {MLP: AdafactorNormalizer(torch.ones(o), torch.ones(i))}
+    assert key(MLP, meta, normalizers=adam) is None  # Adam's scales are not rank one
+    assert key(MLP, meta, normalizers=factored) is not None
+    assert key(QKV, meta, head_cfgs={QKV: HeadConfig(4, 24)}) is None  # heads
+    assert key(QKV, meta, head_cfgs={QKV: HeadConfig(4, 24, sections=3)}) is None
+    c = GradientCollector(tiny_lm, projection_dim=4, defer=True, stack_layers=True)
+    projected = hooks._Projected(torch.empty(2, 5, 4))
+    assert c._stack_key(MLP, projected, torch.empty(2, 5, o)) is None  # already projected
+    net = torch.nn.Sequential(torch.nn.Conv1d(3, 8, 3))  # a convolution, not a matmul layer
+    c = GradientCollector(net, projection_dim=2, stack_layers=True, defer=True)
+    assert c._stack_key("0", torch.empty(2, 3, 7), torch.empty(2, 8, 5)) is None
+
+
+def test_stacks_are_capped_by_their_numbers(tiny_lm, monkeypatch):
+    from lightning_bergson.capture import hooks
+
+    assert hooks._STACK_NUMEL * 4 == 512 * 2**20  # float32 copies of at most 512 MiB
+    c = GradientCollector(tiny_lm, projection_dim=4, defer=True, stack_layers=True)
+    # three same-shaped triples of 6 + 2 = 8 numbers each (the key reads only shapes)
+    items = [(MLP, torch.zeros(1, 1, 6), torch.zeros(1, 1, 2)) for _ in range(3)]
+
+    def sizes(cap):
+        monkeypatch.setattr(hooks, "_STACK_NUMEL", cap)
+        groups = c._stacks(items)
+        assert [x for grp in groups for x in grp] == items  # every triple once, in order
+        return [len(grp) for grp in groups]
+
+    assert sizes(2**27) == [3]
+    assert sizes(9) == [1, 1, 1]  # running totals 8, 16, 24 -> stacks 0, 1, 2
+    assert sizes(12) == [1, 1, 1]  # 0, 1, 2
+    assert sizes(17) == [2, 1]  # 0, 0, 1
+    # triples that cannot be stacked each stay alone, in order
+    alone = [(MLP, torch.zeros(1, 1, 6), torch.zeros(1, 1, 2)) for _ in range(3)]
+    c.stack_layers = False
+    assert c._stacks(alone) == [[x] for x in alone]
+
+
+def test_stacked_float64_rows_stay_float64(tiny_lm, lm_data):
+    import copy
+
+    model = copy.deepcopy(tiny_lm).double()
+    stacked = _deferred(model, lm_data, projection_dim=4, seed=1, stack_layers=True)
+    alone = _deferred(model, lm_data, projection_dim=4, seed=1, stack_layers=False)
+    assert sorted(stacked) == sorted(alone)
+    for name, rows in alone.items():
+        assert rows.dtype == stacked[name].dtype == torch.float64, name
+        torch.testing.assert_close(stacked[name], rows, rtol=1e-12, atol=1e-14)
+    stacked32 = _deferred(tiny_lm, lm_data, projection_dim=4, seed=1, stack_layers=True)
+    assert all(r.dtype == torch.float32 for r in stacked32.values())
+
+
+def test_plain_matrices_are_made_once_per_dtype_and_device(tiny_lm):
+    c = GradientCollector(tiny_lm, projection_dim=4, seed=3)
+    cpu = torch.device("cpu")
+    first = c._plain(MLP, torch.float32, cpu)
+    again = c._plain(MLP, torch.float32, cpu)
+    assert all(x is y for x, y in zip(first, again, strict=True))  # cached
+    double = c._plain(MLP, torch.float64, cpu)
+    assert all(x.dtype == torch.float64 for x in double if x is not None)
+    on_meta = c._plain(MLP, torch.float32, torch.device("meta"))
+    assert all(x.device.type == "meta" for x in on_meta if x is not None)
+    right_t, _, left_t = first
+    o, i = tiny_lm.get_submodule(MLP).weight.shape
+    torch.testing.assert_close(right_t, proj(4, i, seed=3, key=MLP, side="right").T)
+    torch.testing.assert_close(left_t, proj(4, o, seed=3, key=MLP, side="left").T)
+
+
+def test_head_permutation_moves_to_the_device_asked_for(tiny_lm):
+    c = GradientCollector(tiny_lm, head_cfgs={QKV: HeadConfig(4, 24, sections=3)})
+    plan = c.plans[QKV]
+    order = HeadConfig(4, 24, sections=3).permutation(96)
+    assert plan.permutation(torch.device("cpu")).tolist() == order
+    assert plan.permutation(torch.device("meta")).device.type == "meta"
+
+
+def test_head_configs_that_cannot_be_right_are_refused_with_the_fix(tiny_lm):
+    from oracles import tiny_gpt2
+
+    heads = {DENSE: HeadConfig(4, 8, axis="input")}
+    msg = (
+        f"module {DENSE!r}: include_bias cannot be combined with an input-axis HeadConfig "
+        "(the bias belongs to no head); set include_bias=False"
+    )
+    with pytest.raises(ValueError) as err:
+        GradientCollector(tiny_lm, head_cfgs=heads, include_bias=True)
+    assert str(err.value) == msg
+    GradientCollector(tiny_lm, head_cfgs=heads, include_bias=False)  # fine without the bias
+    GradientCollector(tiny_lm, head_cfgs={QKV: HeadConfig(4, 24)}, include_bias=True)
+
+    net = torch.nn.Sequential(torch.nn.Conv1d(4, 4, 3, groups=2))
+    with pytest.raises(ValueError) as err:
+        GradientCollector(net, head_cfgs={"0": HeadConfig(2, 2)})
+    assert str(err.value) == (
+        "module '0' is a grouped convolution (groups=2): its block is not split into heads; "
+        "drop it from head_cfgs"
+    )
+
+    gpt2 = tiny_gpt2()
+    c_attn = "transformer.h.0.attn.c_attn"
+    with pytest.raises(ValueError) as err:  # [q | k | v] of 32 each: contiguous 24s cut across
+        GradientCollector(gpt2, include=[c_attn], head_cfgs={c_attn: HeadConfig(4, 24)})
+    assert str(err.value) == (
+        f"module {c_attn!r} is a GPT-2 style fused attention projection whose 96 outputs are "
+        "3 sections of 32 (q, k, v for all heads), so HeadConfig(num_heads=4, head_size=24, "
+        "sections=1) would not select heads. Use HeadConfig(num_heads=4, head_size=24, "
+        "sections=3)."
+    )
+    GradientCollector(gpt2, include=[c_attn], head_cfgs={c_attn: HeadConfig(4, 24, sections=3)})
