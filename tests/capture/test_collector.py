@@ -634,3 +634,24 @@ def test_head_configs_that_cannot_be_right_are_refused_with_the_fix(tiny_lm):
         "sections=3)."
     )
     GradientCollector(gpt2, include=[c_attn], head_cfgs={c_attn: HeadConfig(4, 24, sections=3)})
+
+
+def test_a_bfloat16_layers_input_is_projected_in_float32():
+    # Heads take the forward-hook projection (a R^T while a is hot): a bfloat16 input must be
+    # widened first, so the rows are the float32 projection of the bfloat16 values.
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 6, bias=False)).to(torch.bfloat16)
+    x = torch.randn(3, 5, 8).to(torch.bfloat16)
+    seen = []
+    with GradientCollector(net, projection_dim=2, seed=4, head_cfgs={"0": HeadConfig(2, 3)}) as c:
+        out = net(x)
+        out.register_hook(seen.append)
+        out.float().square().sum().backward()
+    full = torch.einsum("bso,bsi->boi", seen[0].double(), x.double())  # (B, O, I)
+    for h in range(2):
+        key = f"0.head_{h}"
+        left = proj(2, 3, seed=4, key=key, side="left").double()
+        right = proj(2, 8, seed=4, key=key, side="right").double()
+        want = (left @ full[:, 3 * h : 3 * h + 3] @ right.T).flatten(1)
+        assert c.gradients[key].dtype == torch.float32
+        torch.testing.assert_close(c.gradients[key].double(), want, rtol=1e-5, atol=1e-6)
