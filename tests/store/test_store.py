@@ -898,3 +898,13 @@ def test_tensor_and_numpy_rows_are_stored_byte_for_byte_alike(tmp_path, dtype, s
     assert got["torch"][0].tobytes() == got["numpy"][0].tobytes()
     np.testing.assert_array_equal(got["torch"][1], got["numpy"][1])
     np.testing.assert_array_equal(got["torch"][1], [False, True, True, True, True, True])
+
+
+def test_rows_are_set_one_array_at_a_time_where_arrays_have_no_async_side():
+    # Arrays without zarr's async handle (another zarr layout; here numpy arrays) are
+    # assigned one by one: the same rows land in the same places.
+    arrays = {"gradients": np.zeros((4, 2)), "example_id": np.zeros(4, dtype=np.int64)}
+    rows = {"gradients": np.ones((2, 2)), "example_id": np.array([5, 6])}
+    store_mod._set_rows(arrays, slice(1, 3), rows)
+    np.testing.assert_array_equal(arrays["gradients"], [[0, 0], [1, 1], [1, 1], [0, 0]])
+    np.testing.assert_array_equal(arrays["example_id"], [0, 5, 6, 0])
