@@ -135,28 +135,32 @@ def test_replay_reaches_the_recorded_final_state():
         assert torch.equal(state.params[k], v), k
 
 
+def _interrupted(trainer, traj, query, path, after, **kwargs):
+    """Run a pass that stops (KeyboardInterrupt) before VJP number ``after + 1``."""
+    import lightning_bergson.magic.reverse as reverse_mod
+
+    real, calls = reverse_mod.vjp_step, []
+
+    def stopping(*args, **kw):
+        calls.append(1)
+        if len(calls) > after:
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+
+    reverse_mod.vjp_step = stopping
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            metagradients(trainer, traj, query, num_examples=NUM, state_path=path, **kwargs)
+    finally:
+        reverse_mod.vjp_step = real
+
+
 def test_a_saved_reverse_state_round_trips_and_resumes_to_the_same_scores(tmp_path):
     cfg, steps, query = CONFIGS["adamw-clip"], _steps(1), tiny_query()
     trainer, traj = _record(cfg, "example", steps, "log")
     want = metagradients(trainer, traj, query, num_examples=NUM)
     path = tmp_path / "reverse.safetensors"
-    # stop after the first saved state: the pass raises from the second VJP on
-    import lightning_bergson.magic.reverse as reverse_mod
-
-    real, calls = reverse_mod.vjp_step, []
-
-    def stopping(*args, **kwargs):
-        calls.append(1)
-        if len(calls) > 1:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    reverse_mod.vjp_step = stopping
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            metagradients(trainer, traj, query, num_examples=NUM, state_path=path, save_every=1)
-    finally:
-        reverse_mod.vjp_step = real
+    _interrupted(trainer, traj, query, path, after=1, save_every=1)  # one VJP done and saved
     saved = ReverseState.load(path, torch.device("cpu"))
     assert saved.next_step == traj.num_steps - 2  # the last step's VJP is done
     assert saved.scores.abs().sum() > 0 and len(saved.adjoints) == len(query["input_ids"])
@@ -168,3 +172,87 @@ def test_a_saved_reverse_state_round_trips_and_resumes_to_the_same_scores(tmp_pa
     saved.save(path)
     with pytest.raises(ValueError, match=r"reverse\.safetensors belongs to another run"):
         metagradients(trainer, traj, query, num_examples=NUM, state_path=path, save_every=1)
+
+
+def test_states_are_saved_every_save_every_steps(tmp_path):
+    cfg, steps, query = CONFIGS["sgd"], _steps(1), tiny_query()
+    trainer, traj = _record(cfg, "example", steps, "all")
+    path = tmp_path / "reverse.safetensors"
+    _interrupted(trainer, traj, query, path, after=1, save_every=2)
+    assert not path.exists()  # one VJP: nothing saved yet
+    _interrupted(trainer, traj, query, path, after=2, save_every=2)
+    assert ReverseState.load(path, torch.device("cpu")).next_step == traj.num_steps - 3
+    want = metagradients(trainer, traj, query, num_examples=NUM)
+    got = metagradients(trainer, traj, query, num_examples=NUM, state_path=path, save_every=2)
+    assert torch.equal(got, want)
+
+
+def test_a_state_of_another_query_weights_or_reduction_is_refused(tmp_path):
+    cfg, steps, query = CONFIGS["sgd"], _steps(1), tiny_query()
+    trainer, traj = _record(cfg, "example", steps, "all")
+    path = tmp_path / "reverse.safetensors"
+    _interrupted(trainer, traj, query, path, after=1, save_every=1)
+    other = {k: v.flip(0) for k, v in query.items()}
+    weights = torch.ones(NUM, dtype=torch.float64)
+    weights[0] = 2.0
+    for kwargs in (
+        {"query": other},
+        {"query": query, "per_query": False},
+        {"query": query, "data_weights": weights},
+    ):
+        kw = {"num_examples": NUM, "state_path": path, "save_every": 1, **kwargs}
+        with pytest.raises(ValueError, match=r"belongs to another run \(fingerprint"):
+            metagradients(trainer, traj, **kw)
+    # the same arguments resume it
+    want = metagradients(trainer, traj, query, num_examples=NUM)
+    got = metagradients(trainer, traj, query, num_examples=NUM, state_path=path, save_every=1)
+    assert torch.equal(got, want)
+
+
+def test_a_file_that_is_not_a_reverse_state_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "other.safetensors"
+    save_file({"x": torch.zeros(1)}, str(path), metadata={"format": "something else"})
+    msg = f"{path} is not a MAGIC reverse state; delete it or pick a new path"
+    with pytest.raises(ValueError) as err:
+        ReverseState.load(path, torch.device("cpu"))
+    assert str(err.value) == msg
+    trainer, traj = _record(CONFIGS["sgd"], "example", _steps(1), "all")
+    with pytest.raises(ValueError, match="is not a MAGIC reverse state"):
+        metagradients(trainer, traj, tiny_query(), num_examples=NUM, state_path=path)
+
+
+def test_an_unfinished_trajectory_is_refused():
+    cfg = CONFIGS["sgd"]
+    trainer = FunctionalTrainer(tiny_model(), cfg, "example")
+    traj = Trajectory(3, "all", None)
+    with pytest.raises(RuntimeError, match=r"^the trajectory is not finished; train \(fit\)"):
+        metagradients(trainer, traj, tiny_query(), num_examples=NUM)
+
+
+def test_each_rank_keeps_its_own_state_file(tmp_path):
+    from types import SimpleNamespace
+
+    from lightning_bergson.magic.reverse import _rank_path
+
+    path = tmp_path / "dir" / "state.safetensors"
+    assert _rank_path(None, None) is None
+    assert _rank_path(str(path), None) == path
+    rank1 = SimpleNamespace(rank=1)
+    assert _rank_path(path, rank1) == tmp_path / "dir" / "state.rank1.safetensors"
+
+
+def test_token_scores_take_the_longest_batch_or_the_given_length():
+    cfg, steps, query = CONFIGS["adamw-clip"], _steps(1), tiny_query()
+    trainer, traj = _record(cfg, "token", steps, "sqrt")
+    default = metagradients(trainer, traj, query, num_examples=NUM)
+    assert default.shape == (2, NUM, SEQ)
+    longer = metagradients(trainer, traj, query, num_examples=NUM, seq_len=SEQ + 3)
+    assert longer.shape == (2, NUM, SEQ + 3)
+    assert torch.equal(longer[..., :SEQ], default) and not longer[..., SEQ:].any()
+    weights = torch.ones(NUM, SEQ + 2, dtype=torch.float64)
+    trainer, traj = _record(cfg, "token", steps, "sqrt", weights=weights)
+    from_weights = metagradients(trainer, traj, query, num_examples=NUM, data_weights=weights)
+    assert from_weights.shape == (2, NUM, SEQ + 2)
+    assert torch.equal(from_weights[..., :SEQ], default)
