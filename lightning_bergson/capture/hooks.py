@@ -277,6 +277,18 @@ class GradientCollector:
             # operations on the output stay legal (they would not be on the leaf itself).
             output = replaced = output.detach().requires_grad_().clone()
         a = inputs[0].detach()
+        low = _autocast_dtype(a)
+        if low is None:
+            return self._hook_input(name, output, a, replaced)
+        # Under autocast the layer multiplies ``a`` rounded to the low dtype, so that is the
+        # input of its true weight gradient; the projection itself runs in float32.
+        with torch.autocast(a.device.type, enabled=False):
+            return self._hook_input(name, output, a.to(low), replaced)
+
+    def _hook_input(
+        self, name: str, output: Tensor, a: Tensor, replaced: Tensor | None
+    ) -> Tensor | None:
+        """Register the backward half of module ``name``'s capture on ``output``."""
         if name in self._plain_names and self.projection_dim and not self.defer:
             # The common case in fewer Python steps (same operations as the general path
             # below, so the same rows bit for bit): one head, no normalizer, no convolution.
@@ -326,6 +338,9 @@ class GradientCollector:
 
     def _plain_grad_hook(self, name: str, ar: Tensor, g: Tensor) -> None:
         """The backward half of the plain path: ``vec((g L^T)^T (a R^T))``."""
+        if torch.is_autocast_enabled(g.device.type):  # a backward run inside autocast
+            with torch.autocast(g.device.type, enabled=False):
+                return self._plain_grad_hook(name, ar, g)
         dtype = ar.dtype if g.dtype != torch.float64 else torch.float64
         g = g.detach().reshape(g.shape[0], -1, g.shape[-1])  # (B, S, O)
         if g.dtype != dtype:
@@ -398,6 +413,9 @@ class GradientCollector:
         return stacked_rows(a_all, g_all, lefts, rights, bias=plan.bias, scales=scales)
 
     def _emit(self, name: str, a: Tensor, g: Tensor) -> None:
+        if torch.is_autocast_enabled(g.device.type):  # rows in float32, not autocast's dtype
+            with torch.autocast(g.device.type, enabled=False):
+                return self._deliver(name, self.compute_rows(name, a, g))
         self._deliver(name, self.compute_rows(name, a, g))
 
     def _deliver(self, name: str, rows: list[Tensor]) -> None:
@@ -539,6 +557,21 @@ class _Projected:
 
     def __init__(self, inputs: Tensor) -> None:
         self.inputs = inputs
+
+
+def _autocast_dtype(a: Tensor) -> torch.dtype | None:
+    """The dtype autocast gives a tracked layer's input ``a`` here, if it casts it at all.
+
+    Every layer type the collector tracks (linear, HF ``Conv1D``'s ``addmm``, convolutions)
+    is on autocast's lower-precision list on CPU and CUDA; like autocast, float64 inputs are
+    left alone.
+    """
+    if not a.is_floating_point() or a.dtype == torch.float64:
+        return None
+    kind = a.device.type
+    if not torch.is_autocast_enabled(kind):
+        return None
+    return torch.get_autocast_dtype(kind)
 
 
 def _head_cfg_for(name: str, head_cfgs: Mapping[str, HeadConfig]) -> HeadConfig | None:

@@ -655,3 +655,48 @@ def test_a_bfloat16_layers_input_is_projected_in_float32():
         want = (left @ full[:, 3 * h : 3 * h + 3] @ right.T).flatten(1)
         assert c.gradients[key].dtype == torch.float32
         torch.testing.assert_close(c.gradients[key].double(), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("path", ["plain", "heads", "deferred", "exact"])
+def test_rows_under_bfloat16_autocast_are_the_true_gradients(path):
+    # Under CPU autocast a float32 layer multiplies its input rounded to bfloat16 and returns
+    # bfloat16: its weight gradient is g^T bf16(a). Every path must take that input, widen
+    # the bfloat16 output gradient, and project in float32 (not autocast's bfloat16).
+    # Oracles: autograd's weight gradient (the rows' sum, exact rows) and the explicit
+    # float64 projection of g^T bf16(a) per example.
+    torch.manual_seed(1)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 6))
+    x = torch.randn(3, 5, 8)
+    p = 0 if path == "exact" else 2
+    kwargs = {"projection_dim": p, "seed": 5, "include_bias": True}
+    if path == "heads":
+        kwargs["head_cfgs"] = {"0": HeadConfig(2, 3)}
+    got, seen = {}, []
+    with GradientCollector(
+        net, defer=path == "deferred", closure=lambda k, r: got.__setitem__(k, r), **kwargs
+    ) as c:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = net(x)
+        assert out.dtype == torch.bfloat16
+        out.register_hook(seen.append)
+        out.float().square().sum().backward()
+        if path == "deferred":
+            c.set_normalizers({})
+            c.process_pending()
+    a = torch.cat([x.bfloat16().double(), torch.ones(3, 5, 1, dtype=torch.float64)], -1)
+    full = torch.einsum("bso,bsi->boi", seen[0].double(), a)  # (B, O, I + 1)
+    autograd = torch.cat([net[0].weight.grad, net[0].bias.grad[:, None]], 1).double()
+    torch.testing.assert_close(full.sum(0), autograd, rtol=1e-2, atol=1e-2)  # bf16 sums
+    if path == "heads":
+        blocks = {f"0.head_{h}": full[:, 3 * h : 3 * h + 3] for h in range(2)}
+    else:
+        blocks = {"0": full}
+    assert sorted(got) == sorted(blocks)
+    for key, block in blocks.items():
+        want = block.flatten(1)
+        if p:
+            left = proj(p, block.shape[1], seed=5, key=key, side="left").double()
+            right = proj(p, 9, seed=5, key=key, side="right").double()
+            want = (left @ block @ right.T).flatten(1)
+        assert got[key].dtype == torch.float32, key
+        torch.testing.assert_close(got[key].double(), want, rtol=1e-5, atol=1e-6)
