@@ -54,7 +54,10 @@ MODULES: dict[str, tuple[str, list[str]]] = {
         "lightning_bergson/capture/optimizer_state.py",
         ["tests/capture/test_optimizer_state.py"],
     ),
-    "hooks": ("lightning_bergson/capture/hooks.py", ["tests/capture/test_collector.py"]),
+    "hooks": (
+        "lightning_bergson/capture/hooks.py",
+        ["tests/capture/test_collector.py", "tests/capture/test_modules.py"],
+    ),
     "store_reader": (
         "lightning_bergson/store/reader.py",
         [

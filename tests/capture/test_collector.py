@@ -289,7 +289,8 @@ def test_heads_with_adafactor_normalizer_on_both_axes(tiny_lm, lm_data, oracle, 
 
 @pytest.mark.parametrize("p", [0, 3])
 def test_gathered_heads_with_bias_and_adafactor(tiny_lm, lm_data, oracle, p):
-    """Section-gathered heads on either axis, a bias column and Adafactor scales together.
+    """Section-gathered heads on either axis, a bias column and Adafactor scales together
+    (the input axis's column scales gathered with its heads).
 
     The projected path folds the bias and the scales into the projections and gathers
     the heads of the input axis before projecting; this is the explicit route.
@@ -299,13 +300,18 @@ def test_gathered_heads_with_bias_and_adafactor(tiny_lm, lm_data, oracle, p):
     dense = HeadConfig(4, 8, axis="input", sections=2)
     rows = collect(tiny_lm, lm_data, projection_dim=p, include=[QKV], head_cfgs={QKV: qkv},
                    normalizers=norms, include_bias=True, seed=6)  # fmt: skip
+    dense_norms = _random_moments(tiny_lm, [DENSE], bias=False, kind="adafactor")
     dense_rows = collect(tiny_lm, lm_data, projection_dim=p, include=[DENSE],
-                         head_cfgs={DENSE: dense}, seed=6)  # fmt: skip
-    norm = norms[QKV]
-    v = norm.row[:, None] * norm.col / norm.row.mean()
+                         head_cfgs={DENSE: dense}, normalizers=dense_norms, seed=6)  # fmt: skip
+
+    def scaled(name, full):
+        norm = (norms | dense_norms)[name]
+        return full / (norm.row[:, None] * norm.col / norm.row.mean()).sqrt()
+
     order = torch.tensor(qkv.permutation(96))
-    qkv_full = (module_grad(oracle, QKV, bias=True) / v.sqrt())[:, order]
-    dense_full = module_grad(oracle, DENSE)[:, :, torch.tensor(dense.permutation(32))]
+    qkv_full = scaled(QKV, module_grad(oracle, QKV, bias=True))[:, order]
+    dense_order = torch.tensor(dense.permutation(32))
+    dense_full = scaled(DENSE, module_grad(oracle, DENSE))[:, :, dense_order]
     for h in range(4):
         for key, want, got in (
             (f"{QKV}.head_{h}", qkv_full[:, 24 * h : 24 * (h + 1)], rows),
@@ -700,3 +706,22 @@ def test_rows_under_bfloat16_autocast_are_the_true_gradients(path):
             want = (left @ block @ right.T).flatten(1)
         assert got[key].dtype == torch.float32, key
         torch.testing.assert_close(got[key].double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_module_called_twice_adds_both_calls_rows():
+    # A layer applied twice in one forward (weight tying, recurrence): its per-example
+    # gradient is the sum over both calls. Oracle: torch.func per-example gradients.
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4, 4)
+    x = torch.randn(3, 2, 4)
+    with GradientCollector(torch.nn.Sequential(lin), projection_dim=0, include_bias=True) as c:
+        lin(torch.tanh(lin(x))).square().sum().backward()
+    params = {k: v.detach() for k, v in lin.named_parameters()}
+
+    def loss_one(p, xi):
+        inner = functional_call(lin, p, (xi[None],))
+        return functional_call(lin, p, (torch.tanh(inner),)).square().sum()
+
+    per = vmap(grad(loss_one), in_dims=(None, 0))(params, x)
+    want = torch.cat([per["weight"], per["bias"][..., None]], -1).flatten(1)
+    torch.testing.assert_close(c.gradients["0"], want, rtol=1e-5, atol=1e-6)
