@@ -338,7 +338,7 @@ class GradientCollector:
 
     def _plain_grad_hook(self, name: str, ar: Tensor, g: Tensor) -> None:
         """The backward half of the plain path: ``vec((g L^T)^T (a R^T))``."""
-        if torch.is_autocast_enabled(g.device.type):  # a backward run inside autocast
+        if _autocast_on(g.device.type):  # a backward run inside autocast
             with torch.autocast(g.device.type, enabled=False):
                 return self._plain_grad_hook(name, ar, g)
         dtype = ar.dtype if g.dtype != torch.float64 else torch.float64
@@ -413,7 +413,7 @@ class GradientCollector:
         return stacked_rows(a_all, g_all, lefts, rights, bias=plan.bias, scales=scales)
 
     def _emit(self, name: str, a: Tensor, g: Tensor) -> None:
-        if torch.is_autocast_enabled(g.device.type):  # rows in float32, not autocast's dtype
+        if _autocast_on(g.device.type):  # rows in float32, not autocast's dtype
             with torch.autocast(g.device.type, enabled=False):
                 return self._deliver(name, self.compute_rows(name, a, g))
         self._deliver(name, self.compute_rows(name, a, g))
@@ -569,9 +569,15 @@ def _autocast_dtype(a: Tensor) -> torch.dtype | None:
     if not a.is_floating_point() or a.dtype == torch.float64:
         return None
     kind = a.device.type
-    if not torch.is_autocast_enabled(kind):
-        return None
-    return torch.get_autocast_dtype(kind)
+    return torch.get_autocast_dtype(kind) if _autocast_on(kind) else None
+
+
+def _autocast_on(kind: str) -> bool:
+    """Whether autocast is on for device type ``kind`` (never for one it does not know)."""
+    try:
+        return torch.is_autocast_enabled(kind)
+    except RuntimeError:  # e.g. "meta": no autocast there
+        return False
 
 
 def _head_cfg_for(name: str, head_cfgs: Mapping[str, HeadConfig]) -> HeadConfig | None:

@@ -725,3 +725,12 @@ def test_a_module_called_twice_adds_both_calls_rows():
     per = vmap(grad(loss_one), in_dims=(None, 0))(params, x)
     want = torch.cat([per["weight"], per["bias"][..., None]], -1).flatten(1)
     torch.testing.assert_close(c.gradients["0"], want, rtol=1e-5, atol=1e-6)
+
+
+def test_layers_on_a_device_without_autocast_are_hooked():
+    # The meta device has no autocast state to ask for: the hooks must still run there.
+    net = torch.nn.Sequential(torch.nn.Linear(4, 3)).to("meta")
+    with GradientCollector(net, projection_dim=2, defer=True) as c:
+        net(torch.empty(2, 5, 4, device="meta")).sum().backward()
+        ((name, a, g),) = c.take_pending()
+    assert name == "0" and a.device.type == g.device.type == "meta"
