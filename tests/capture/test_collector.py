@@ -663,8 +663,9 @@ def test_a_bfloat16_layers_input_is_projected_in_float32():
         torch.testing.assert_close(c.gradients[key].double(), want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("backward_inside", [False, True])
 @pytest.mark.parametrize("path", ["plain", "heads", "deferred", "exact"])
-def test_rows_under_bfloat16_autocast_are_the_true_gradients(path):
+def test_rows_under_bfloat16_autocast_are_the_true_gradients(path, backward_inside):
     # Under CPU autocast a float32 layer multiplies its input rounded to bfloat16 and returns
     # bfloat16: its weight gradient is g^T bf16(a). Every path must take that input, widen
     # the bfloat16 output gradient, and project in float32 (not autocast's bfloat16).
@@ -683,12 +684,18 @@ def test_rows_under_bfloat16_autocast_are_the_true_gradients(path):
     ) as c:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = net(x)
-        assert out.dtype == torch.bfloat16
-        out.register_hook(seen.append)
-        out.float().square().sum().backward()
-        if path == "deferred":
-            c.set_normalizers({})
-            c.process_pending()
+            assert out.dtype == torch.bfloat16
+            out.register_hook(seen.append)
+            if backward_inside:  # allowed, if unusual: the hooks' matmuls must not go bf16
+                out.float().square().sum().backward()
+                if path == "deferred":
+                    c.set_normalizers({})
+                    c.process_pending()
+        if not backward_inside:
+            out.float().square().sum().backward()
+            if path == "deferred":
+                c.set_normalizers({})
+                c.process_pending()
     a = torch.cat([x.bfloat16().double(), torch.ones(3, 5, 1, dtype=torch.float64)], -1)
     full = torch.einsum("bso,bsi->boi", seen[0].double(), a)  # (B, O, I + 1)
     autograd = torch.cat([net[0].weight.grad, net[0].bias.grad[:, None]], 1).double()
