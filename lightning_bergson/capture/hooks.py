@@ -90,7 +90,6 @@ class _Plan:
         self.out_f, self.in_f = out_f, in_f + int(self.bias)
         self.conv = module if isinstance(module, CONV_TYPES) else None
         self.groups = int(module.groups) if self.conv is not None else 1
-        self.head_cfg = head_cfg
         if head_cfg is not None:
             self._check_heads(parent, head_cfg, out_f, in_f)
         split_size = out_f if head_cfg is None or head_cfg.axis == "output" else in_f

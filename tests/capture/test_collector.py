@@ -741,3 +741,114 @@ def test_layers_on_a_device_without_autocast_are_hooked():
         net(torch.empty(2, 5, 4, device="meta")).sum().backward()
         ((name, a, g),) = c.take_pending()
     assert name == "0" and a.device.type == g.device.type == "meta"
+
+
+MLP_OUT = "gpt_neox.layers.1.mlp.dense_4h_to_h"  # 64 -> 32: not square
+
+
+@pytest.mark.parametrize("p", [0, 3])
+def test_input_axis_sections_of_a_non_square_layer(tiny_lm, lm_data, oracle, p):
+    # The gathered order of an input-axis split runs over the input features (64), not the
+    # output features (32).
+    cfg = HeadConfig(4, 16, axis="input", sections=2)
+    rows = collect(tiny_lm, lm_data, projection_dim=p, include=[MLP_OUT],
+                   head_cfgs={MLP_OUT: cfg}, seed=2)  # fmt: skip
+    full = module_grad(oracle, MLP_OUT)[:, :, torch.tensor(cfg.permutation(64))]  # (B, 32, 64)
+    for h in range(4):
+        key, want = f"{MLP_OUT}.head_{h}", full[:, :, 16 * h : 16 * (h + 1)]
+        if p:
+            left = proj(p, 32, seed=2, key=key, side="left")
+            want = left @ want @ proj(p, 16, seed=2, key=key, side="right").T
+        assert rel_err(rows[key], want.flatten(1)) <= 1e-5, key
+
+
+def test_frozen_layers_are_captured_through_a_grad_requiring_copy_of_their_output():
+    # Default leaf_outputs: a tracked layer whose output needs no grad (frozen, and nothing
+    # upstream needs grad) gets its row from a grad-requiring copy of that output.
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    net[0].requires_grad_(False)
+    x = torch.randn(3, 2, 4)
+    with GradientCollector(net, projection_dim=0, include=["*"]) as c:
+        out = net(x)
+        out.square().sum().backward()
+    params = {k: v.detach() for k, v in net.named_parameters()}
+
+    def loss_one(p, xi):
+        return functional_call(net, p, (xi[None],)).square().sum()
+
+    per = vmap(grad(loss_one), in_dims=(None, 0))(params, x)
+    assert sorted(c.gradients) == ["0", "2"]
+    torch.testing.assert_close(c.gradients["0"], per["0.weight"].flatten(1))
+    torch.testing.assert_close(c.gradients["2"], per["2.weight"].flatten(1))
+    assert net[0].weight.grad is None  # still frozen
+    with GradientCollector(net, projection_dim=0, include=["*"], leaf_outputs=False) as c:
+        net(x).square().sum().backward()
+    assert sorted(c.gradients) == ["2"]  # without the copy, the frozen layer has no row
+
+
+def test_a_grouped_convolution_of_two_groups_gives_per_group_rows():
+    torch.manual_seed(0)
+    conv = torch.nn.Conv1d(4, 6, 3, groups=2)
+    net = torch.nn.Sequential(conv)
+    x = torch.randn(3, 4, 7)
+    with GradientCollector(net, projection_dim=0) as c:
+        net(x).square().sum().backward()
+    params = {k: v.detach() for k, v in net.named_parameters()}
+
+    def loss_one(p, xi):
+        return functional_call(net, p, (xi[None],)).square().sum()
+
+    per = vmap(grad(loss_one), in_dims=(None, 0))(params, x)["0.weight"]  # (B, 6, 2, 3)
+    torch.testing.assert_close(c.gradients["0"], per.flatten(1), rtol=1e-5, atol=1e-6)
+
+
+def test_exact_adafactor_rows_keep_the_layers_dtype(tiny_lm, lm_data, oracle):
+    norms = _random_moments(tiny_lm, [MLP], bias=False, kind="adafactor")
+    rows = collect(tiny_lm, lm_data, projection_dim=0, include=[MLP], normalizers=norms)
+    norm = norms[MLP]
+    want = module_grad(oracle, MLP) / (norm.row[:, None] * norm.col / norm.row.mean()).sqrt()
+    assert rows[MLP].dtype == torch.float32
+    assert rel_err(rows[MLP], want.flatten(1)) <= 1e-5
+
+
+def test_a_float64_layer_under_autocast_keeps_float64_inputs():
+    # autocast leaves float64 alone, so the layer multiplies the float64 input itself.
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 3)).double()
+    x = torch.randn(2, 5, 4, dtype=torch.float64)
+    seen = []
+    with GradientCollector(net, projection_dim=0) as c:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = net(x)
+        assert out.dtype == torch.float64
+        out.register_hook(seen.append)
+        out.square().sum().backward()
+    want = torch.einsum("bso,bsi->boi", seen[0], x).flatten(1)
+    torch.testing.assert_close(c.gradients["0"], want, rtol=1e-12, atol=1e-14)
+
+
+def test_collector_argument_errors_name_the_value_and_the_fix(tiny_lm):
+    with pytest.raises(ValueError) as err:
+        GradientCollector(tiny_lm, projection_dim=-1)
+    assert str(err.value) == "projection_dim must be >= 0 (0 = exact), got -1"
+    c = GradientCollector(tiny_lm, include_bias=True)
+    with pytest.raises(KeyError) as err:
+        c.set_normalizers({"nope": AdamNormalizer(torch.ones(2, 2))})
+    assert err.value.args[0] == "normalizer given for 'nope', which is not a tracked module"
+    for bias, (o, i) in ((True, (64, 33)), (False, (64, 32))):
+        c = GradientCollector(tiny_lm, include_bias=bias)
+        with pytest.raises(ValueError) as err:
+            c.set_normalizers({MLP: AdamNormalizer(torch.ones(3, 3))})
+        tail = " + bias" if bias else ""
+        assert str(err.value) == (
+            f"normalizer for {MLP!r} has shape (3, 3) but the module's gradient is "
+            f"({o}, {i}) (out, in{tail})"
+        )
+    ten = torch.nn.Sequential(*[torch.nn.Linear(2, 2) for _ in range(10)])
+    with pytest.raises(ValueError) as err:
+        GradientCollector(ten, head_cfgs={"*.nothing": HeadConfig(2, 1)})
+    assert str(err.value) == (  # the first eight of the ten
+        "head_cfgs key '*.nothing' matches no tracked module; tracked modules include: "
+        "0, 1, 2, 3, 4, 5, 6, 7"
+    )
