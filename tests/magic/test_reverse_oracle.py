@@ -273,3 +273,11 @@ def test_a_state_without_queries_round_trips(tmp_path):
     back = ReverseState.load(tmp_path / "s.safetensors", torch.device("cpu"))
     assert (back.next_step, back.adjoints, back.fingerprint) == (3, [], "f" * 16)
     assert back.scores.shape == (0, NUM)
+
+
+def test_a_state_path_alone_saves_nothing(tmp_path):
+    # save_every defaults to 0: a state path without it is only read (to resume), never written.
+    trainer, traj = _record(CONFIGS["sgd"], "example", _steps(1), "all")
+    path = tmp_path / "reverse.safetensors"
+    _interrupted(trainer, traj, tiny_query(), path, after=2)
+    assert not path.exists()
