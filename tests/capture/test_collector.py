@@ -852,3 +852,17 @@ def test_collector_argument_errors_name_the_value_and_the_fix(tiny_lm):
         "head_cfgs key '*.nothing' matches no tracked module; tracked modules include: "
         "0, 1, 2, 3, 4, 5, 6, 7"
     )
+
+
+def test_a_frozen_layer_under_autocast_keeps_its_row():
+    # The grad-requiring copy of a frozen layer's output must replace the output on the
+    # autocast path too, or the layer's row is lost.
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    net[0].requires_grad_(False)
+    with GradientCollector(net, projection_dim=2, include=["*"]) as c:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = net(torch.randn(3, 2, 4))
+        out.float().square().sum().backward()
+    assert sorted(c.gradients) == ["0", "2"]
+    assert c.gradients["0"].abs().sum() > 0
