@@ -866,3 +866,15 @@ def test_a_frozen_layer_under_autocast_keeps_its_row():
         out.float().square().sum().backward()
     assert sorted(c.gradients) == ["0", "2"]
     assert c.gradients["0"].abs().sum() > 0
+
+
+def test_blocks_name_their_module_and_head(tiny_lm):
+    from lightning_bergson.capture.hooks import Block
+
+    heads = {QKV: HeadConfig(4, 24)}
+    c = GradientCollector(tiny_lm, include=[QKV, MLP], head_cfgs=heads, projection_dim=3)
+    assert c.blocks == [Block(f"{QKV}.head_{h}", (3, 3), QKV, h) for h in range(4)] + [
+        Block(MLP, (3, 3), MLP, None)
+    ]
+    exact = GradientCollector(tiny_lm, include=[MLP], include_bias=True)
+    assert exact.blocks == [Block(MLP, (64, 33), MLP, None)]
