@@ -876,5 +876,5 @@ def test_blocks_name_their_module_and_head(tiny_lm):
     assert c.blocks == [Block(f"{QKV}.head_{h}", (3, 3), QKV, h) for h in range(4)] + [
         Block(MLP, (3, 3), MLP, None)
     ]
-    exact = GradientCollector(tiny_lm, include=[MLP], include_bias=True)
+    exact = GradientCollector(tiny_lm, include=[MLP], include_bias=True, projection_dim=0)
     assert exact.blocks == [Block(MLP, (64, 33), MLP, None)]
