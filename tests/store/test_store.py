@@ -908,3 +908,14 @@ def test_rows_are_set_one_array_at_a_time_where_arrays_have_no_async_side():
     store_mod._set_rows(arrays, slice(1, 3), rows)
     np.testing.assert_array_equal(arrays["gradients"], [[0, 0], [1, 1], [1, 1], [0, 0]])
     np.testing.assert_array_equal(arrays["example_id"], [0, 5, 6, 0])
+
+
+def test_a_given_finite_column_with_numpy_rows(tmp_path):
+    path = tmp_path / "run.zarr"
+    x = np.ones((3, DIM), dtype=np.float32)
+    with GradientStoreWriter(path, modules=BLOCKS, chunk_rows=4, background=False) as w:
+        w.append(x, example_id=[0, 1, 2], step=0, epoch=0, finite=[True, False, True])
+        with pytest.raises(ValueError) as err:
+            w.append(x, example_id=[3, 4, 5], step=0, epoch=0, finite=[True, True])
+        assert str(err.value).startswith("finite must have shape [3] (one value")
+    np.testing.assert_array_equal(GradientStore.open(path).finite, [True, False, True])
