@@ -55,19 +55,16 @@ def _prepare_gradients(
             f"gradients must have shape [B, {dim}] (the store's row width D={dim},"
             f" the sum of module block sizes); got {tuple(x.shape)}"
         )
-    if isinstance(x, torch.Tensor) and x.device.type != "cpu":
-        # On the accelerator: the test, clamp and cast run there and only the stored
-        # bytes cross to the host (half of them for a float16 store).
+    if isinstance(x, torch.Tensor) and (
+        x.device.type != "cpu" or x.dtype == torch.float32 or dtype == np.float32
+    ):
+        # torch's test, clamp and cast: on an accelerator only the stored bytes cross to the
+        # host; on the CPU torch's casts are vectorized (numpy's float16 cast is ~6x slower)
+        # and round alike. CPU float64 -> float16 stays in numpy, which rounds once (torch
+        # goes via float32).
         if finite is None:
             finite = torch.isfinite(x).all(dim=1)
-        x = x.clamp(-big, big).to(getattr(torch, dtype.name)).cpu().numpy()  # new array
-        return x, _column(finite, len(x), "bool", "finite")
-    if isinstance(x, torch.Tensor) and (x.dtype == torch.float32 or dtype == np.float32):
-        # torch's casts are vectorized (numpy's float16 cast is ~6x slower) and round alike;
-        # float64 -> float16 stays in numpy, which rounds once (torch goes via float32).
-        if finite is None:
-            finite = torch.isfinite(x).all(dim=1)
-        x = x.clamp(-big, big).to(getattr(torch, dtype.name)).numpy()  # a new array
+        x = x.clamp(-big, big).to(getattr(torch, dtype.name)).cpu().numpy()  # a new array
         return x, _column(finite, len(x), "bool", "finite")
     if isinstance(x, torch.Tensor):
         x = x.numpy()
@@ -118,8 +115,9 @@ def _set_rows(arrays: dict[str, zarr.Array], rows_at: slice, rows: Rows) -> None
 
     Zarr's synchronous API runs each assignment on its event loop and waits: one round trip
     (~1 ms here) per array, for the six one-value-per-row columns as for the gradients.
-    Writing them concurrently costs about one. The first failure is raised once every
-    write has ended, as the assignments one by one would raise it.
+    Writing them concurrently costs about one. A failure is raised once every write has
+    ended (the other arrays may hold the block by then); the caller does not advance the
+    committed row count, so a failed block's rows are never exposed.
     """
     try:
         from zarr.core.sync import sync
