@@ -141,6 +141,37 @@ def test_replay_reaches_the_recorded_final_state():
     assert not torch.equal(unweighted.params[k], traj.final.params[k])
 
 
+@pytest.mark.parametrize(
+    ("schedule", "kept", "replayed"),
+    [
+        ("all", list(range(12)), 0),
+        # sqrt: segments 0-3, 4-7, 8-11; the walk down keeps every state of a segment on
+        # the way, so each state that was not kept is recomputed exactly once: 12 - 3.
+        ("sqrt", [0, 4, 8], 9),
+        # log bisects: target 7 from 5 keeps 6 (2 steps); target 4 from 0 keeps 2, then 3
+        # (4 steps); targets 6, 3, 2 are kept; target 1 from 0 (1 step): 2 + 4 + 1.
+        ("log", [0, 5, 8, 9, 10, 11], 7),
+    ],
+)
+def test_the_walk_down_replays_each_step_as_few_times_as_its_schedule_allows(
+    schedule, kept, replayed
+):
+    # The scores are the same however states are recomputed; the cost is not. Recomputing
+    # every state from its checkpoint (no state kept on the way) is quadratic per segment.
+    cfg, steps, query = CONFIGS["sgd"], _steps(1, epochs=2, batch=1), tiny_query()
+    trainer, traj = _record(cfg, "example", steps, schedule)
+    assert traj.kept_steps == kept
+    real, calls = trainer.step, []
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].step)
+        return real(*args, **kwargs)
+
+    trainer.step = counting
+    metagradients(trainer, traj, query, num_examples=NUM)
+    assert len(calls) == replayed, calls
+
+
 def _interrupted(trainer, traj, query, path, after, **kwargs):
     """Run a pass that stops (KeyboardInterrupt) before VJP number ``after + 1``."""
     import lightning_bergson.magic.reverse as reverse_mod
