@@ -10,6 +10,8 @@ rounding, and fast (a second a case), so it also serves as the mutation-testing 
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from magic_oracles import tiny_batches, tiny_model, tiny_query
@@ -247,6 +249,27 @@ def test_a_state_of_another_query_weights_or_reduction_is_refused(tmp_path):
     want = metagradients(trainer, traj, query, num_examples=NUM)
     got = metagradients(trainer, traj, query, num_examples=NUM, state_path=path, save_every=1)
     assert torch.equal(got, want)
+
+
+def test_ranks_that_recorded_different_step_counts_are_refused():
+    # One rank of two, in process: the group's only collective here (an all-reduce max of
+    # [n, -n]) answers as if the other rank had recorded one step more.
+    from lightning_bergson.magic.distributed import DataParallel
+
+    class OtherRankHasOneMore(DataParallel):
+        def __init__(self) -> None:
+            self.rank, self.world_size = 0, 2
+
+        def _max(self, values):
+            other = [values[0] + 1, -(values[0] + 1)]
+            return [max(a, b) for a, b in zip(values, other, strict=True)]
+
+    trainer, traj = _record(CONFIGS["sgd"], "example", _steps(1), "all")
+    trainer.group = OtherRankHasOneMore()
+    n = traj.num_steps
+    msg = f"ranks disagree on the number of recorded steps (from {n} to {n + 1})"
+    with pytest.raises(RuntimeError, match=re.escape(msg)):
+        metagradients(trainer, traj, tiny_query(), num_examples=NUM)
 
 
 def test_a_file_that_is_not_a_reverse_state_is_refused(tmp_path):
