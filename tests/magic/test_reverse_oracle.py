@@ -241,6 +241,7 @@ def test_a_state_of_another_query_weights_or_reduction_is_refused(tmp_path):
         {"query": other},
         {"query": query, "per_query": False},
         {"query": query, "data_weights": weights},
+        {"query": query, "num_examples": NUM + 1},  # scores of another shape
     ):
         kw = {"num_examples": NUM, "state_path": path, "save_every": 1, **kwargs}
         with pytest.raises(ValueError, match=r"belongs to another run \(fingerprint"):
@@ -270,6 +271,68 @@ def test_ranks_that_recorded_different_step_counts_are_refused():
     msg = f"ranks disagree on the number of recorded steps (from {n} to {n + 1})"
     with pytest.raises(RuntimeError, match=re.escape(msg)):
         metagradients(trainer, traj, tiny_query(), num_examples=NUM)
+
+
+class _MirroredRanks:
+    """One rank of two whose other rank holds the very same shards, simulated in process:
+    every cross-rank sum doubles (exact in binary), every max is this rank's own value
+    except ``max_int``, where the other rank's batches are ``longer`` tokens longer."""
+
+    rank, world_size = 0, 2
+
+    def __init__(self, longer: int = 0) -> None:
+        self.longer = longer
+
+    def sum(self, tensors):
+        return [2 * t for t in tensors]
+
+    def sum_int(self, value):
+        return 2 * value
+
+    def max_int(self, value):
+        return value + self.longer
+
+    def same_int(self, value, what):
+        pass
+
+
+def _record_mirrored(cfg, granularity, steps, schedule, group):
+    trainer = FunctionalTrainer(tiny_model(), cfg, granularity, group=group)
+    state = trainer.init_state(torch.manual_seed(7).get_state())
+    traj = Trajectory(len(steps), schedule)
+    like = next(iter(state.params.values()))
+    for micro in steps:
+        tokens = 2 * step_tokens(micro)  # the step's supervised tokens over both ranks
+        traj.record(state, micro, num_tokens=tokens)
+        ws = [batch_weights(None, b["example_id"], SEQ, granularity, like) for b in micro]
+        state, _ = trainer.step(state, micro, ws, num_tokens=tokens)
+    traj.finish(state)
+    return trainer, traj
+
+
+@pytest.mark.parametrize("granularity", ["example", "token"])
+def test_two_ranks_with_the_same_shards_score_as_one_process(granularity, tmp_path):
+    # Each rank's VJP carries half of every example's derivative (its loss is half of the
+    # global token mean); the pass must sum the ranks' scores, reduce the longest batch over
+    # ranks for per-token scores, and keep a state file per rank. Oracle: one process.
+    cfg, steps, query = CONFIGS["adamw-clip"], _steps(2), tiny_query()
+    trainer, traj = _record(cfg, granularity, steps, "sqrt")
+    want = metagradients(trainer, traj, query, num_examples=NUM)
+    group = _MirroredRanks(longer=2 if granularity == "token" else 0)
+    trainer2, traj2 = _record_mirrored(cfg, granularity, steps, "sqrt", group)
+    replayed = replay(trainer2, traj2, traj2.state(0), traj2.num_steps)  # global token counts
+    for k, v in traj.final.params.items():
+        assert torch.equal(traj2.final.params[k], v), k
+        assert torch.equal(replayed.params[k], v), k
+    path = tmp_path / "reverse.safetensors"
+    _interrupted(trainer2, traj2, query, path, after=1, save_every=1)
+    assert (tmp_path / "reverse.rank0.safetensors").is_file() and not path.exists()
+    got = metagradients(trainer2, traj2, query, num_examples=NUM, state_path=path, save_every=1)
+    if granularity == "token":  # the other rank's longer batches widen the scores
+        assert got.shape == (*want.shape[:2], SEQ + 2)
+        assert not got[..., SEQ:].any()
+        got = got[..., :SEQ]
+    _close(got, want)
 
 
 def test_a_file_that_is_not_a_reverse_state_is_refused(tmp_path):
